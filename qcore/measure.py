@@ -1,0 +1,169 @@
+"""What a model costs: parameter bytes, size on disk, latency and peak memory.
+
+Every number a lab shows comes from here, measured on the machine it runs on.
+"""
+from __future__ import annotations
+
+import io
+import os
+import platform
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import psutil
+import torch
+
+
+def parameter_bytes(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of the parameters and buffers of ``model``, by dtype, plus ``"total"``.
+
+    Tensors shared between modules (tied weights) are counted once.
+
+    Example:
+        >>> m = torch.nn.Linear(4, 2)                      # 8 weights + 2 biases, fp32
+        >>> parameter_bytes(m)
+        {'torch.float32': 40, 'total': 40}
+        >>> parameter_bytes(m.half())['total']
+        20
+    """
+    seen: set[int] = set()
+    by_dtype: dict[str, int] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() in seen and t.numel():
+            continue
+        seen.add(t.data_ptr())
+        key = str(t.dtype)
+        by_dtype[key] = by_dtype.get(key, 0) + t.numel() * t.element_size()
+    by_dtype["total"] = sum(by_dtype.values())
+    return by_dtype
+
+
+def size_on_disk(model_or_state: torch.nn.Module | dict) -> int:
+    """Bytes of ``torch.save(state_dict)``: what the model takes as a file.
+
+    Works for quantized modules too (their packed weights live in the state dict).
+
+    Example:
+        >>> m = torch.nn.Linear(256, 256)
+        >>> size_on_disk(m) > 256 * 257 * 4, size_on_disk(m) < 256 * 257 * 4 + 2000
+        (True, True)
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer().nbytes
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Timing of repeated calls: median and spread in milliseconds, and the threads used."""
+
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+    threads: int
+    device: str
+
+    def __str__(self) -> str:
+        return (f"{self.median_ms:.2f} ms median (p10 {self.p10_ms:.2f}, p90 {self.p90_ms:.2f}; "
+                f"{self.repeats} runs, {self.threads} threads, {self.device})")
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,
+            device: str = "cpu") -> Latency:
+    """Median wall time of ``fn()`` after ``warmup`` untimed calls (CUDA synchronised).
+
+    The median resists the odd slow run (a page fault, another process); p10/p90 show spread.
+
+    Example:
+        >>> x = torch.randn(64, 64)
+        >>> t = latency(lambda: x @ x, warmup=1, repeats=5)
+        >>> t.repeats, t.median_ms > 0, t.threads == torch.get_num_threads()
+        (5, True, True)
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+
+    def at(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return Latency(statistics.median(times), at(0.1), at(0.9), repeats,
+                   torch.get_num_threads(), device)
+
+
+def peak_memory(fn: Callable[[], object], device: str = "cpu", interval_s: float = 0.001) -> int:
+    """Peak extra memory (bytes) while ``fn()`` runs.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before.
+    CPU: the process's resident set size (RSS), sampled every ``interval_s`` by a thread,
+    above its value before the call. RSS sees everything (Python objects, allocator caches),
+    so small differences are noise: compare sizes of tens of megabytes, not kilobytes.
+
+    Example:
+        >>> grow = lambda: torch.ones(64 * 2**20 // 4).add_(1)      # touches 64 MiB
+        >>> peak_memory(grow) > 32 * 2**20
+        True
+    """
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return max(0, torch.cuda.max_memory_allocated() - before)
+
+    proc = psutil.Process(os.getpid())
+    baseline = proc.memory_info().rss
+    peak = baseline
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.memory_info().rss)
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+        peak = max(peak, proc.memory_info().rss)
+    finally:
+        done.set()
+        sampler.join()
+    return max(0, peak - baseline)
+
+
+def describe_device() -> str:
+    """One line saying where the labs compute: CPU model and threads, or the GPU and its dtype.
+
+    Example:
+        >>> "threads" in describe_device()
+        True
+    """
+    cpu = platform.processor() or platform.machine()
+    line = f"cpu {cpu}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        line += f"; cuda {name} ({half} compute)"
+    return line
