@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LAB_ARGS ?=
 
-.PHONY: setup lab test test-fast bench clean-venv
+.PHONY: setup assets lab test test-fast bench demo clean-venv
 
 # The virtual environment, rebuilt when the lock or the package metadata changes.
 $(STAMP): requirements.lock pyproject.toml
@@ -15,7 +15,12 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	@touch $@
 
-setup: $(STAMP)
+# Offline models and data (pinned by sha256, cached in $$QCOURSE_CACHE or ~/.cache/qcourse);
+# the first run also fine-tunes the sentiment classifier once (a few minutes on 2 cores).
+assets: $(STAMP)
+	$(PY) -m qcore.zoo prepare
+
+setup: $(STAMP) assets
 
 lab: setup
 	$(VENV)/bin/jupyter lab --ip=127.0.0.1 --no-browser --allow-root --ServerApp.root_dir=labs $(LAB_ARGS)
@@ -28,6 +33,9 @@ test-fast: setup
 
 bench: setup
 	$(PY) bench/bench_numerics.py
+
+demo: setup
+	$(PY) bench/demo.py
 
 clean-venv:
 	rm -rf $(VENV)

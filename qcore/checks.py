@@ -1,0 +1,212 @@
+"""Student self-checks: what the labs' test cells call. Plain Python, no nbgrader needed.
+
+A check passes quietly with one line ("✓ ..."), or fails with an ``AssertionError`` whose
+message says what was expected, what came, and a hint. Inside ``exercise(...)`` an unfinished
+function (``NotImplementedError``) is reported kindly instead of as a traceback.
+
+Hidden tests also use ``reference`` (reference outputs written by ``qcourse references``) and
+``forbid`` (the student's function must not delegate to the library it reimplements).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# Default tolerances per dtype: a few units in the last place of that dtype.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-12), torch.float32: (1e-6, 1e-6),
+    torch.float16: (1e-3, 1e-5), torch.bfloat16: (1e-2, 1e-5),
+}
+
+
+class CheckFailed(AssertionError):
+    """A self-check failed; the message is meant for the student."""
+
+
+def _fail(name: str, expected, got, hint: str) -> None:
+    msg = f"✗ {name}\n  expected: {expected}\n  got:      {got}"
+    if hint:
+        msg += f"\n  hint: {hint}"
+    raise CheckFailed(msg)
+
+
+def _show(x, limit: int = 6) -> str:
+    if isinstance(x, torch.Tensor):
+        flat = x.detach().flatten().tolist()
+        body = ", ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in flat[:limit])
+        more = ", ..." if len(flat) > limit else ""
+        return f"tensor([{body}{more}], shape={tuple(x.shape)}, dtype={x.dtype})"
+    return repr(x)
+
+
+def _ok(name: str) -> None:
+    print(f"✓ {name}")
+
+
+def check_equal(got, expected, name: str, hint: str = "") -> None:
+    """Exact equality (integer codes, bit fields, tuples, shapes).
+
+    Example:
+        >>> check_equal((0, 127, 0), (0, 127, 0), "fields of 1.0")
+        ✓ fields of 1.0
+        >>> check_equal(3, 4, "answer", hint="count again")
+        Traceback (most recent call last):
+        ...
+        qcore.checks.CheckFailed: ✗ answer
+          expected: 4
+          got:      3
+          hint: count again
+    """
+    if isinstance(expected, torch.Tensor) or isinstance(got, torch.Tensor):
+        got_t, exp_t = torch.as_tensor(got), torch.as_tensor(expected)
+        if got_t.shape != exp_t.shape:
+            _fail(f"{name} (shape)", tuple(exp_t.shape), tuple(got_t.shape), hint)
+        if not torch.equal(got_t.to(exp_t.dtype), exp_t):
+            bad = (got_t.to(exp_t.dtype) != exp_t).nonzero()[0].tolist()
+            _fail(f"{name} (first difference at index {bad})", _show(exp_t), _show(got_t), hint)
+    elif got != expected:
+        _fail(name, _show(expected), _show(got), hint)
+    _ok(name)
+
+
+def check_close(got, expected, name: str, hint: str = "", atol: float | None = None,
+                rtol: float | None = None) -> None:
+    """Closeness within a tolerance chosen from the expected dtype (or given), NaN equal NaN.
+
+    Example:
+        >>> check_close(torch.tensor([0.1 + 1e-9]), torch.tensor([0.1]), "scale")
+        ✓ scale
+    """
+    exp_t = torch.as_tensor(expected)
+    got_t = torch.as_tensor(got)
+    if got_t.shape != exp_t.shape:
+        _fail(f"{name} (shape)", tuple(exp_t.shape), tuple(got_t.shape), hint)
+    dtype = exp_t.dtype if exp_t.is_floating_point() else torch.float64
+    default_rtol, default_atol = TOLERANCES.get(dtype, (1e-6, 1e-6))
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    g, e = got_t.double(), exp_t.double()
+    close = torch.isclose(g, e, rtol=rtol, atol=atol, equal_nan=True)
+    if not bool(close.all()):
+        idx = (~close).nonzero()[0].tolist()
+        _fail(f"{name} (first difference at index {idx}, rtol={rtol:g}, atol={atol:g})",
+              _show(exp_t), _show(got_t), hint)
+    _ok(name)
+
+
+def check_true(condition: bool, name: str, hint: str = "") -> None:
+    """A condition that must hold (a bound, a property).
+
+    Example:
+        >>> check_true(0.01 <= 0.5 * 0.04, "error within half a step")
+        ✓ error within half a step
+    """
+    if not condition:
+        _fail(name, True, False, hint)
+    _ok(name)
+
+
+@contextlib.contextmanager
+def exercise(title: str):
+    """Run an exercise's checks; an unfinished function gives a kind message, not a traceback.
+
+    Example:
+        >>> with exercise("Exercise 0"):
+        ...     raise NotImplementedError
+        Traceback (most recent call last):
+        ...
+        qcore.checks.CheckFailed: Exercise 0: not done yet - replace `raise NotImplementedError()` with your code.
+    """
+    try:
+        yield
+    except NotImplementedError:
+        raise CheckFailed(f"{title}: not done yet - replace `raise NotImplementedError()` "
+                          "with your code.") from None
+    print(f"{title}: all visible checks passed")
+
+
+# ----------------------------------------------------------------------------- hidden tests
+def reference_dir() -> Path:
+    """Where reference outputs live: ``$QCOURSE_REFERENCE_DIR``, else ``course/reference``."""
+    env = os.environ.get("QCOURSE_REFERENCE_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[1] / "course" / "reference"
+
+
+def reference(lab: str, name: str) -> dict[str, np.ndarray]:
+    """The arrays of ``<reference_dir>/<lab>/<name>.npz`` (inputs and expected outputs)."""
+    file = reference_dir() / lab / f"{name}.npz"
+    if not file.is_file():
+        raise FileNotFoundError(f"reference output {file} is missing (set QCOURSE_REFERENCE_DIR "
+                                "or run `qcourse references`)")
+    with np.load(file, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+class Forbidden(RuntimeError):
+    """Raised by a function that a submission must not call for this exercise."""
+
+
+def _resolve(dotted: str):
+    module_name, _, attr = dotted.rpartition(".")
+    while True:
+        try:
+            return importlib.import_module(module_name), attr
+        except ModuleNotFoundError:
+            module_name, _, outer = module_name.rpartition(".")
+            if not module_name:
+                raise
+            attr = f"{outer}.{attr}"
+
+
+@contextlib.contextmanager
+def forbid(*names: str):
+    """Patch each dotted name (``"qcore.formats.decompose"``, ``"torch.Tensor.bfloat16"``) to raise.
+
+    Inside the block, a student function that merely calls the library it should reimplement
+    fails with ``Forbidden``; names the notebook imported directly (``from qcore.formats
+    import decompose``) are patched too. Everything is restored on exit.
+
+    Example:
+        >>> import math
+        >>> with forbid("math.sqrt"):
+        ...     math.sqrt(4.0)
+        Traceback (most recent call last):
+        ...
+        qcore.checks.Forbidden: this exercise must not call math.sqrt
+        >>> math.sqrt(4.0)
+        2.0
+    """
+    saved = []
+    try:
+        for dotted in names:
+            owner, attr = _resolve(dotted)
+            *path, last = attr.split(".")
+            for part in path:
+                owner = getattr(owner, part)
+
+            def blocked(*_a, _n=dotted, **_k):
+                raise Forbidden(f"this exercise must not call {_n}")
+
+            original = getattr(owner, last)
+            saved.append((owner, last, owner.__dict__.get(last, original)))
+            setattr(owner, last, blocked)
+            notebook = vars(sys.modules["__main__"])
+            for key, value in list(notebook.items()):
+                if value is original:
+                    saved.append((notebook, key, value))
+                    notebook[key] = blocked
+        yield
+    finally:
+        for owner, last, original in reversed(saved):
+            if isinstance(owner, dict):
+                owner[last] = original
+            else:
+                setattr(owner, last, original)
