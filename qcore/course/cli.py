@@ -1,4 +1,4 @@
-"""The ``qcourse`` command line.
+"""The ``qcourse`` command line: build, check, validate and autograde the labs.
 
 Example:
     >>> main(["--version"])
@@ -8,10 +8,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import os
 import platform
+import runpy
 import sys
+import tempfile
+from pathlib import Path
 
 import qcore
+from qcore.course.build import COURSE, REPO, BuildError, resolve_labs
 
 
 def _env(_args) -> int:
@@ -25,11 +30,130 @@ def _env(_args) -> int:
     return 0
 
 
+def _build(args) -> int:
+    from qcore.course import build
+
+    labs = resolve_labs(args.labs)
+    source = args.qcore_source or os.environ.get("QCOURSE_QCORE_SOURCE") or build.DEFAULT_QCORE_SOURCE
+    if args.check:
+        problems = build.check(labs, qcore_source=source)
+        for p in problems:
+            print(f"✗ {p}")
+        print("build check: " + ("differences found" if problems else f"{len(labs)} labs up to date"))
+        return 1 if problems else 0
+    build.build(labs, qcore_source=source, run_solution=not args.no_solutions)
+    return 0
+
+
+def _check_masters(_args) -> int:
+    from qcore.course.lint import check_course
+
+    problems = check_course(COURSE, REPO / "labs")
+    for p in problems:
+        print(f"✗ {p}")
+    print("masters: " + ("problems found" if problems else "all conventions kept"))
+    return 1 if problems else 0
+
+
+def _references(args) -> int:
+    for lab in resolve_labs(args.labs):
+        script = COURSE / "refgen" / f"{lab}.py"
+        if not script.is_file():
+            print(f"{lab}: no reference generator ({script.relative_to(REPO)})")
+            continue
+        out = COURSE / "reference" / lab
+        out.mkdir(parents=True, exist_ok=True)
+        runpy.run_path(str(script))["make"](out)
+        print(f"{lab}: references written to {out.relative_to(REPO)}")
+    return 0
+
+
+def _lab_of(notebook: Path, lab: str | None) -> str:
+    if lab:
+        return resolve_labs([lab])[0]
+    for known in resolve_labs(None):
+        if known in notebook.name:
+            return known
+    raise BuildError(f"cannot tell which lab {notebook.name} is; pass --lab (known: {', '.join(resolve_labs(None))})")
+
+
+def _validate(args) -> int:
+    from qcore.course.autograde import grade_one, prepare_assignment
+
+    notebook = Path(args.notebook)
+    if not notebook.is_file():
+        print(f"error: {notebook} does not exist")
+        return 2
+    lab = _lab_of(notebook, args.lab)
+    with tempfile.TemporaryDirectory(prefix="qcourse-validate-") as tmp:
+        template = Path(tmp) / "template"
+        prepare_assignment(lab, COURSE, template)
+        outcome = grade_one(lab, "student", notebook, template, Path(tmp) / "work")
+    print(f"{notebook.name} ({lab}): {outcome.status}" + (f" - {outcome.message}" if outcome.message else ""))
+    from qcore.course.master import exercises, find_masters, load_master
+
+    for ex in exercises(load_master(find_masters(COURSE)[lab])):
+        got = outcome.exercises.get(ex.grade_id, 0.0)
+        mark = "✓" if got >= ex.points else "✗"
+        print(f"  {mark} {ex.grade_id}: {got:g}/{ex.points:g}")
+    print(f"total {outcome.score:g}/{outcome.max_score:g}")
+    return 0 if outcome.status == "graded" and outcome.score >= outcome.max_score else 1
+
+
+def _autograde(args) -> int:
+    from qcore.course import submissions
+    from qcore.course.autograde import autograde
+    from qcore.course.master import exercises, find_masters, load_master
+    from qcore.course.report import write_report
+
+    lab = resolve_labs([args.lab])[0]
+    src = Path(args.submissions)
+    if not src.exists():
+        print(f"error: {src} does not exist")
+        return 2
+    with tempfile.TemporaryDirectory(prefix="qcourse-import-") as tmp:
+        folder = submissions.extract_zip(src, Path(tmp)) if src.is_file() else src
+        found = submissions.collect(folder, lab)
+        print(f"autograding {len(found)} submissions of {lab} with {args.jobs} jobs")
+        # import: keep a copy of every submission in course/submitted/<student>/<lab>/
+        for sid, nb in found.items():
+            dest = COURSE / "submitted" / sid / lab / f"{lab}.ipynb"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(nb.read_bytes())
+        imported = {sid: COURSE / "submitted" / sid / lab / f"{lab}.ipynb" for sid in found}
+        outcomes = autograde(imported, lab, jobs=args.jobs, force=args.force, timeout=args.timeout)
+    max_points = {e.grade_id: float(e.points) for e in exercises(load_master(find_masters(COURSE)[lab]))}
+    report = write_report(outcomes, lab, COURSE / "reports" / lab, max_points, mode="process-isolated")
+    print(f"grades: {report.parent / 'grades.csv'}\nreport: {report}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qcourse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("env", help="show the compute environment the labs will use").set_defaults(func=_env)
+    p = sub.add_parser("build", help="masters -> labs/ and solutions/")
+    p.add_argument("labs", nargs="*", help="labs to build (default: all)")
+    p.add_argument("--check", action="store_true", help="fail when labs/ or solutions/ differ from a fresh build")
+    p.add_argument("--no-solutions", action="store_true", help="skip executing the solutions")
+    p.add_argument("--qcore-source", help="pip requirement that installs qcore on Colab")
+    p.set_defaults(func=_build)
+    sub.add_parser("check-masters", help="check the masters and released labs").set_defaults(func=_check_masters)
+    p = sub.add_parser("references", help="write course/reference/<lab>/*.npz")
+    p.add_argument("labs", nargs="*")
+    p.set_defaults(func=_references)
+    p = sub.add_parser("validate", help="run a notebook as the autograder will; non-zero exit on failure")
+    p.add_argument("notebook")
+    p.add_argument("--lab")
+    p.set_defaults(func=_validate)
+    p = sub.add_parser("autograde", help="grade a folder or zip of submissions")
+    p.add_argument("submissions")
+    p.add_argument("--lab", required=True)
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--force", action="store_true", help="grade again even unchanged submissions")
+    p.add_argument("--timeout", type=float, default=900, help="wall-time limit per submission (s)")
+    p.set_defaults(func=_autograde)
     args = parser.parse_args(argv)
     if args.version:
         print(f"qcourse {qcore.__version__}")
@@ -37,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (BuildError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

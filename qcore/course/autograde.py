@@ -1,0 +1,197 @@
+"""``qcourse autograde``: grade a class in parallel without one submission touching another.
+
+nbgrader has no parallel mode and one sqlite gradebook. So each submission is graded by the
+real ``nbgrader autograde`` in a private course folder of its own (config, source notebook and
+a gradebook holding only the assignment): no submission sees another's files or grades, and a
+crash, hang or tamper stays inside its folder. The parent process then writes every outcome
+into the course gradebook, one at a time, and copies back the autograded notebook and its
+feedback (hidden tests removed, see ``qcore.course.feedback``).
+
+Outcome of each student: ``graded`` (scores per exercise), ``invalid`` (not a notebook),
+``timeout`` (the whole run exceeded its wall-time limit) or ``error`` (nbgrader failed).
+Everything not graded scores 0 and says why in the report.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import nbformat
+
+from qcore.course.build import COURSE, nbgrader, venv_env, write_notebook
+from qcore.course.master import exercises, find_masters, load_master
+
+COURSE_ID = "qcourse"
+DEFAULT_TIMEOUT_S = 900
+
+
+@dataclass
+class Outcome:
+    """What grading one submission gave."""
+
+    student: str
+    status: str
+    score: float = 0.0
+    max_score: float = 0.0
+    exercises: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+    seconds: float = 0.0
+    sha256: str = ""
+
+
+def _db_url(root: Path) -> str:
+    return f"sqlite:///{root / 'gradebook.db'}"
+
+
+def state_dir(course_root: Path, lab: str) -> Path:
+    return course_root / ".qcourse" / "state" / lab
+
+
+def prepare_assignment(lab: str, course_root: Path, dest: Path) -> None:
+    """A course folder at ``dest`` holding only the config, the lab's source and its gradebook."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if dest.resolve() != Path(course_root).resolve():
+        shutil.copy2(course_root / "nbgrader_config.py", dest / "nbgrader_config.py")
+    write_notebook(load_master(find_masters(course_root)[lab]), dest / "source" / lab / f"{lab}.ipynb")
+    res = nbgrader(["generate_assignment", lab, "--force", "--log-level=WARN"], dest)
+    if res.returncode:
+        raise RuntimeError(f"nbgrader generate_assignment {lab} failed:\n{res.stderr[-3000:]}")
+
+
+def _run(cmd: list[str], cwd: Path, timeout: float) -> tuple[int | None, str]:
+    """Run a command in its own process group; kill the whole group on timeout."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=venv_env(), start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out
+
+
+def _read_scores(work: Path, lab: str, student: str) -> dict[str, float]:
+    from nbgrader.api import Gradebook
+
+    with Gradebook(_db_url(work), COURSE_ID) as gb:
+        sub = gb.find_submission(lab, student)
+        return {g.name: float(g.score) for nb in sub.notebooks for g in nb.grades}
+
+
+def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path,
+              timeout: float = DEFAULT_TIMEOUT_S) -> Outcome:
+    """Autograde one submission inside ``work`` (a private copy of ``template``)."""
+    start = time.time()
+    max_points = {e.grade_id: float(e.points) for e in exercises(
+        nbformat.read(template / "source" / lab / f"{lab}.ipynb", as_version=4))}
+    outcome = Outcome(student, "graded", max_score=sum(max_points.values()),
+                      exercises={k: 0.0 for k in max_points})
+    try:
+        data = notebook.read_bytes()
+        outcome.sha256 = hashlib.sha256(data).hexdigest()
+        nb = nbformat.reads(data.decode("utf-8"), as_version=4)
+    except Exception as e:  # not UTF-8, not JSON, not a notebook
+        outcome.status, outcome.message = "invalid", f"not a readable notebook: {type(e).__name__}: {str(e)[:200]}"
+        return outcome
+    shutil.copytree(template, work, dirs_exist_ok=True)
+    target = work / "submitted" / student / lab / f"{lab}.ipynb"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(nbformat.writes(nb), encoding="utf-8")
+    code, log = _run(["nbgrader", "autograde", lab, "--student", student, "--create", "--force"],
+                     work, timeout)
+    if code is None:
+        outcome.status, outcome.message = "timeout", f"stopped after {timeout:.0f} s (wall-time limit)"
+    elif code != 0 or not (work / "autograded" / student / lab).is_dir():
+        outcome.status, outcome.message = "error", "nbgrader could not grade it: " + _last_error(log)
+    else:
+        scores = _read_scores(work, lab, student)
+        outcome.exercises = {k: scores.get(k, 0.0) for k in max_points}
+        outcome.score = sum(outcome.exercises.values())
+        _run(["nbgrader", "generate_feedback", lab, "--student", student, "--force"], work, 300)
+    outcome.seconds = round(time.time() - start, 2)
+    return outcome
+
+
+def _last_error(log: str) -> str:
+    lines = [ln for ln in log.splitlines() if "ERROR" in ln or "Error" in ln]
+    return (lines[-1] if lines else log.strip().splitlines()[-1] if log.strip() else "no output")[:300]
+
+
+def record(outcome: Outcome, lab: str, course_root: Path) -> None:
+    """Write one outcome into the course gradebook (replacing an earlier one of that student)."""
+    import warnings
+
+    from nbgrader.api import Gradebook, MissingEntry
+
+    with warnings.catch_warnings(), Gradebook(_db_url(course_root), COURSE_ID) as gb:
+        warnings.simplefilter("ignore")  # SQLAlchemy's autoflush notes inside nbgrader
+        gb.update_or_create_student(outcome.student)
+        try:
+            gb.remove_submission(lab, outcome.student)
+        except MissingEntry:
+            pass
+        sub = gb.add_submission(lab, outcome.student)
+        for snb in sub.notebooks:
+            for grade in snb.grades:
+                grade.auto_score = outcome.exercises.get(grade.name, 0.0)
+        gb.db.commit()
+
+
+def _copy_back(work: Path, course_root: Path, lab: str, student: str) -> None:
+    for kind in ("autograded", "feedback"):
+        src = work / kind / student / lab
+        dst = course_root / kind / student / lab
+        if dst.exists():
+            shutil.rmtree(dst)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+
+
+def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool = False,
+              course_root: Path = COURSE, timeout: float = DEFAULT_TIMEOUT_S, log=print) -> list[Outcome]:
+    """Grade every submission (in parallel with ``jobs`` workers); returns outcomes by student.
+
+    Unchanged submissions already graded are not graded again unless ``force``.
+    """
+    course_root = Path(course_root)
+    states = state_dir(course_root, lab)
+    states.mkdir(parents=True, exist_ok=True)
+    prepare_assignment(lab, course_root, course_root)  # the course gradebook knows the lab
+    todo, outcomes = {}, {}
+    for sid, nb in submissions.items():
+        state = states / f"{sid}.json"
+        digest = hashlib.sha256(nb.read_bytes()).hexdigest()
+        if not force and state.is_file():
+            previous = Outcome(**json.loads(state.read_text()))
+            if previous.sha256 == digest:
+                outcomes[sid] = previous
+                continue
+        todo[sid] = nb
+    if todo:
+        with tempfile.TemporaryDirectory(prefix="qcourse-grade-") as tmp:
+            template = Path(tmp) / "template"
+            prepare_assignment(lab, course_root, template)
+
+            def work(item):
+                sid, nb = item
+                return grade_one(lab, sid, nb, template, Path(tmp) / "work" / sid, timeout)
+
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+                for outcome in pool.map(work, sorted(todo.items())):
+                    record(outcome, lab, course_root)  # one writer: the parent, one at a time
+                    _copy_back(Path(tmp) / "work" / outcome.student, course_root, lab, outcome.student)
+                    (states / f"{outcome.student}.json").write_text(json.dumps(asdict(outcome), indent=1))
+                    outcomes[outcome.student] = outcome
+                    log(f"  {outcome.student}: {outcome.status}, {outcome.score:g}/{outcome.max_score:g}"
+                        f" ({outcome.seconds:.1f} s){' - ' + outcome.message if outcome.message else ''}")
+    return [outcomes[s] for s in sorted(outcomes)]
