@@ -62,15 +62,18 @@ def prepare_assignment(lab: str, course_root: Path, dest: Path) -> None:
     if dest.resolve() != Path(course_root).resolve():
         shutil.copy2(course_root / "nbgrader_config.py", dest / "nbgrader_config.py")
     write_notebook(load_master(find_masters(course_root)[lab]), dest / "source" / lab / f"{lab}.ipynb")
+    refs = Path(course_root) / "reference" / lab
+    if refs.is_dir() and dest.resolve() != Path(course_root).resolve():
+        shutil.copytree(refs, dest / "reference" / lab, dirs_exist_ok=True)
     res = nbgrader(["generate_assignment", lab, "--force", "--log-level=WARN"], dest)
     if res.returncode:
         raise RuntimeError(f"nbgrader generate_assignment {lab} failed:\n{res.stderr[-3000:]}")
 
 
-def _run(cmd: list[str], cwd: Path, timeout: float) -> tuple[int | None, str]:
+def _run(cmd: list[str], cwd: Path, timeout: float, env: dict | None = None) -> tuple[int | None, str]:
     """Run a command in its own process group; kill the whole group on timeout."""
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=venv_env(), start_new_session=True)
+                            env=venv_env(env), start_new_session=True)
     try:
         out, _ = proc.communicate(timeout=timeout)
         return proc.returncode, out
@@ -108,7 +111,7 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(nbformat.writes(nb), encoding="utf-8")
     code, log = _run(["nbgrader", "autograde", lab, "--student", student, "--create", "--force"],
-                     work, timeout)
+                     work, timeout, env={"QCOURSE_REFERENCE_DIR": str(work / "reference")})
     if code is None:
         outcome.status, outcome.message = "timeout", f"stopped after {timeout:.0f} s (wall-time limit)"
     elif code != 0 or not (work / "autograded" / student / lab).is_dir():
@@ -161,14 +164,19 @@ def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool
               course_root: Path = COURSE, timeout: float = DEFAULT_TIMEOUT_S, log=print) -> list[Outcome]:
     """Grade every submission (in parallel with ``jobs`` workers); returns outcomes by student.
 
-    Unchanged submissions already graded are not graded again unless ``force``.
+    Each submission is first copied into ``course/submitted/<student>/<lab>/``. Unchanged
+    submissions already graded are not graded again unless ``force``.
     """
     course_root = Path(course_root)
     states = state_dir(course_root, lab)
     states.mkdir(parents=True, exist_ok=True)
     prepare_assignment(lab, course_root, course_root)  # the course gradebook knows the lab
     todo, outcomes = {}, {}
-    for sid, nb in submissions.items():
+    for sid, src in submissions.items():
+        nb = course_root / "submitted" / sid / lab / f"{lab}.ipynb"  # the import: a copy kept
+        if Path(src).resolve() != nb.resolve():
+            nb.parent.mkdir(parents=True, exist_ok=True)
+            nb.write_bytes(Path(src).read_bytes())
         state = states / f"{sid}.json"
         digest = hashlib.sha256(nb.read_bytes()).hexdigest()
         if not force and state.is_file():

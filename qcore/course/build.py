@@ -110,6 +110,7 @@ def _code_of(path: Path) -> list[tuple[str, str, str]]:
 
 def _scratch_course(course_root: Path, dest: Path) -> Path:
     """A copy of the course's hand-written parts (config, masters, references) to build in."""
+    dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(course_root / "nbgrader_config.py", dest / "nbgrader_config.py")
     shutil.copytree(course_root / "masters", dest / "masters")
     if (course_root / "reference").is_dir():

@@ -33,22 +33,22 @@ def _env(_args) -> int:
 def _build(args) -> int:
     from qcore.course import build
 
-    labs = resolve_labs(args.labs)
+    labs = resolve_labs(args.labs, args.course)
     source = args.qcore_source or os.environ.get("QCOURSE_QCORE_SOURCE") or build.DEFAULT_QCORE_SOURCE
     if args.check:
-        problems = build.check(labs, qcore_source=source)
+        problems = build.check(labs, args.course, qcore_source=source)
         for p in problems:
             print(f"✗ {p}")
         print("build check: " + ("differences found" if problems else f"{len(labs)} labs up to date"))
         return 1 if problems else 0
-    build.build(labs, qcore_source=source, run_solution=not args.no_solutions)
+    build.build(labs, args.course, qcore_source=source, run_solution=not args.no_solutions)
     return 0
 
 
-def _check_masters(_args) -> int:
+def _check_masters(args) -> int:
     from qcore.course.lint import check_course
 
-    problems = check_course(COURSE, REPO / "labs")
+    problems = check_course(args.course, REPO / "labs")
     for p in problems:
         print(f"✗ {p}")
     print("masters: " + ("problems found" if problems else "all conventions kept"))
@@ -56,25 +56,26 @@ def _check_masters(_args) -> int:
 
 
 def _references(args) -> int:
-    for lab in resolve_labs(args.labs):
-        script = COURSE / "refgen" / f"{lab}.py"
+    for lab in resolve_labs(args.labs, args.course):
+        script = args.course / "refgen" / f"{lab}.py"
         if not script.is_file():
-            print(f"{lab}: no reference generator ({script.relative_to(REPO)})")
+            print(f"{lab}: no reference generator ({script})")
             continue
-        out = COURSE / "reference" / lab
+        out = args.course / "reference" / lab
         out.mkdir(parents=True, exist_ok=True)
         runpy.run_path(str(script))["make"](out)
-        print(f"{lab}: references written to {out.relative_to(REPO)}")
+        print(f"{lab}: references written to {out}")
     return 0
 
 
-def _lab_of(notebook: Path, lab: str | None) -> str:
+def _lab_of(notebook: Path, lab: str | None, course: Path) -> str:
     if lab:
-        return resolve_labs([lab])[0]
-    for known in resolve_labs(None):
+        return resolve_labs([lab], course)[0]
+    for known in resolve_labs(None, course):
         if known in notebook.name:
             return known
-    raise BuildError(f"cannot tell which lab {notebook.name} is; pass --lab (known: {', '.join(resolve_labs(None))})")
+    raise BuildError(f"cannot tell which lab {notebook.name} is; pass --lab "
+                     f"(known: {', '.join(resolve_labs(None, course))})")
 
 
 def _validate(args) -> int:
@@ -84,15 +85,15 @@ def _validate(args) -> int:
     if not notebook.is_file():
         print(f"error: {notebook} does not exist")
         return 2
-    lab = _lab_of(notebook, args.lab)
+    lab = _lab_of(notebook, args.lab, args.course)
     with tempfile.TemporaryDirectory(prefix="qcourse-validate-") as tmp:
         template = Path(tmp) / "template"
-        prepare_assignment(lab, COURSE, template)
+        prepare_assignment(lab, args.course, template)
         outcome = grade_one(lab, "student", notebook, template, Path(tmp) / "work")
     print(f"{notebook.name} ({lab}): {outcome.status}" + (f" - {outcome.message}" if outcome.message else ""))
     from qcore.course.master import exercises, find_masters, load_master
 
-    for ex in exercises(load_master(find_masters(COURSE)[lab])):
+    for ex in exercises(load_master(find_masters(args.course)[lab])):
         got = outcome.exercises.get(ex.grade_id, 0.0)
         mark = "✓" if got >= ex.points else "✗"
         print(f"  {mark} {ex.grade_id}: {got:g}/{ex.points:g}")
@@ -106,7 +107,7 @@ def _autograde(args) -> int:
     from qcore.course.master import exercises, find_masters, load_master
     from qcore.course.report import write_report
 
-    lab = resolve_labs([args.lab])[0]
+    lab = resolve_labs([args.lab], args.course)[0]
     src = Path(args.submissions)
     if not src.exists():
         print(f"error: {src} does not exist")
@@ -115,15 +116,10 @@ def _autograde(args) -> int:
         folder = submissions.extract_zip(src, Path(tmp)) if src.is_file() else src
         found = submissions.collect(folder, lab)
         print(f"autograding {len(found)} submissions of {lab} with {args.jobs} jobs")
-        # import: keep a copy of every submission in course/submitted/<student>/<lab>/
-        for sid, nb in found.items():
-            dest = COURSE / "submitted" / sid / lab / f"{lab}.ipynb"
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(nb.read_bytes())
-        imported = {sid: COURSE / "submitted" / sid / lab / f"{lab}.ipynb" for sid in found}
-        outcomes = autograde(imported, lab, jobs=args.jobs, force=args.force, timeout=args.timeout)
-    max_points = {e.grade_id: float(e.points) for e in exercises(load_master(find_masters(COURSE)[lab]))}
-    report = write_report(outcomes, lab, COURSE / "reports" / lab, max_points, mode="process-isolated")
+        outcomes = autograde(found, lab, jobs=args.jobs, force=args.force, course_root=args.course,
+                             timeout=args.timeout)
+    max_points = {e.grade_id: float(e.points) for e in exercises(load_master(find_masters(args.course)[lab]))}
+    report = write_report(outcomes, lab, args.course / "reports" / lab, max_points, mode="process-isolated")
     print(f"grades: {report.parent / 'grades.csv'}\nreport: {report}")
     return 0
 
@@ -131,6 +127,7 @@ def _autograde(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qcourse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
+    parser.add_argument("--course", type=Path, default=COURSE, help="the nbgrader course root (default: %(default)s)")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("env", help="show the compute environment the labs will use").set_defaults(func=_env)
     p = sub.add_parser("build", help="masters -> labs/ and solutions/")
