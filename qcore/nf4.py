@@ -230,7 +230,7 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64,
     inv = (1.0 / absmax.clamp(min=_TINY)).unsqueeze(1)                 # [n_blocks, 1]
     normalized = (blocks * inv).clamp(-1.0, 1.0)                       # [n_blocks, block_size]
     # Index of the first midpoint >= x, i.e. the nearest value; exact ties go to the lower code.
-    codes = torch.bucketize(normalized.reshape(-1), _midpoints())[:n]  # [n], int64 in [0, 15]
+    codes = torch.bucketize(normalized.reshape(-1), _midpoints().to(flat.device))[:n]  # [n] in [0, 15]
     if n % 2:  # a byte holds two codes: complete the last one with the code of 0.0
         codes = torch.cat([codes, codes.new_tensor([ZERO_CODE])])
     packed = pack_int4(codes)
@@ -261,7 +261,7 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
     """
     n, bs = state.numel, state.block_size
     codes = unpack_int4(packed.reshape(-1), (n + n % 2,))[:n].long()  # [n]
-    values = _codebook()[codes]                                        # [n] in [-1, 1]
+    values = _codebook().to(packed.device)[codes]                      # [n] in [-1, 1]
     blocks = F.pad(values, (0, state.n_blocks * bs - n)).view(state.n_blocks, bs)
     w_hat = (blocks * state.block_absmax().unsqueeze(1)).reshape(-1)[:n]
     return w_hat.reshape(state.shape).to(state.dtype)

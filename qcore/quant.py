@@ -313,7 +313,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
                          "shift signed codes by -qmin first")
     pad = (-flat.numel()) % per_byte
     flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, per_byte)  # [n_bytes, per_byte]
-    shifts = torch.arange(per_byte - 1, -1, -1) * bits                # high bits first
+    shifts = torch.arange(per_byte - 1, -1, -1, device=flat.device) * bits  # high bits first
     return (flat << shifts).sum(dim=1).to(torch.uint8)
 
 
@@ -332,7 +332,7 @@ def unpack(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
         n *= d
     if packed.numel() != -(-n // per_byte):
         raise ValueError(f"{packed.numel()} bytes cannot hold shape {tuple(shape)} at {bits} bits")
-    shifts = torch.arange(per_byte - 1, -1, -1, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte - 1, -1, -1, dtype=torch.int32, device=packed.device) * bits
     codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & (2**bits - 1)
     return codes.reshape(-1)[:n].reshape(shape).to(torch.uint8)
 
