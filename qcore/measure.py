@@ -59,7 +59,12 @@ def size_on_disk(model_or_state: torch.nn.Module | dict) -> int:
 
 @dataclass(frozen=True)
 class Latency:
-    """Timing of repeated calls: median and spread in milliseconds, and the threads used."""
+    """Timing of repeated calls: median and spread in milliseconds, and the threads used.
+
+    Example:
+        >>> print(Latency(2.0, 1.5, 3.0, 10, 2, "cpu"))
+        2.00 ms median (p10 1.50, p90 3.00; 10 runs, 2 threads, cpu)
+    """
 
     median_ms: float
     p10_ms: float

@@ -45,7 +45,12 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- granularity
 @dataclass(frozen=True)
 class PerTensor:
-    """One scale for the whole tensor: ``[out, in] -> scale []`` (a 0-d tensor)."""
+    """One scale for the whole tensor: ``[out, in] -> scale []`` (a 0-d tensor).
+
+    Example:
+        >>> choose_qparams(torch.randn(4, 8), granularity=PerTensor()).scale.shape
+        torch.Size([])
+    """
 
     def group(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -62,6 +67,10 @@ class PerChannel:
     """One scale per slice along ``axis``: ``[out, in]`` with ``axis=0`` -> scale ``[out, 1]``.
 
     The scale keeps every dimension (size 1 except ``axis``) so that it broadcasts against x.
+
+    Example:
+        >>> choose_qparams(torch.randn(4, 8), granularity=PerChannel(axis=0)).scale.shape
+        torch.Size([4, 1])
     """
 
     axis: int = 0
@@ -86,6 +95,10 @@ class PerGroup:
 
     ``[out, in] -> scale [out, in // group_size]``; ``in`` must be a multiple of
     ``group_size``.
+
+    Example:
+        >>> choose_qparams(torch.randn(4, 128), granularity=PerGroup(group_size=64)).scale.shape
+        torch.Size([4, 2])
     """
 
     group_size: int = 64
@@ -116,6 +129,11 @@ class QParams:
     """Quantization parameters: ``scale`` (float32) and ``zero_point`` (int32) of equal shape.
 
     Their shape follows ``granularity`` (see PerTensor, PerChannel, PerGroup).
+
+    Example:
+        >>> qp = QParams(torch.tensor(0.5), torch.tensor(3, dtype=torch.int32), bits=4)
+        >>> qp.qmin, qp.qmax, quantize(torch.tensor([1.0]), qp).tolist()
+        (0, 15, [5])
     """
 
     scale: torch.Tensor
