@@ -325,14 +325,17 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits not in (2, 4):
         raise ValueError(f"pack supports 2 or 4 bits, got {bits}")
     per_byte = 8 // bits
-    flat = codes.reshape(-1).to(torch.int64)
+    flat = codes.reshape(-1)
     if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] to pack into {bits} bits; "
                          "shift signed codes by -qmin first")
+    flat = flat.to(torch.uint8)
     pad = (-flat.numel()) % per_byte
     flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, per_byte)  # [n_bytes, per_byte]
-    shifts = torch.arange(per_byte - 1, -1, -1, device=flat.device) * bits  # high bits first
-    return (flat << shifts).sum(dim=1).to(torch.uint8)
+    packed = flat[:, 0] << (8 - bits)                                  # the first code: high bits
+    for k in range(1, per_byte):
+        packed |= flat[:, k] << (8 - bits * (k + 1))
+    return packed
 
 
 def unpack(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
@@ -350,9 +353,11 @@ def unpack(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
         n *= d
     if packed.numel() != -(-n // per_byte):
         raise ValueError(f"{packed.numel()} bytes cannot hold shape {tuple(shape)} at {bits} bits")
-    shifts = torch.arange(per_byte - 1, -1, -1, dtype=torch.int32, device=packed.device) * bits
-    codes = (packed.to(torch.int32).unsqueeze(1) >> shifts) & (2**bits - 1)
-    return codes.reshape(-1)[:n].reshape(shape).to(torch.uint8)
+    packed = packed.reshape(-1).to(torch.uint8)
+    mask = 2**bits - 1
+    parts = [(packed >> (8 - bits * (k + 1))) & mask for k in range(per_byte)]  # high bits first
+    codes = torch.stack(parts, dim=1).reshape(-1)                       # [n_bytes * per_byte]
+    return codes[:n].reshape(shape)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

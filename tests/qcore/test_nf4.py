@@ -245,3 +245,13 @@ def test_nf4_beats_uniform_int4_on_normal_weights():
     qp = choose_qparams(w, bits=4, symmetric=True, granularity=PerGroup(64))  # absmax / 7
     int4_mse = mse(w, dequantize(quantize(w, qp), qp))
     assert nf4_mse < 0.8 * int4_mse
+
+
+def test_table_lookup_equals_exact_search_at_every_boundary():
+    """The fast nearest-code table agrees with bucketize on boundaries, their neighbours, and noise."""
+    from qcore.nf4 import _midpoints, _nearest_codes
+
+    mids = _midpoints()
+    up, down = torch.nextafter(mids, torch.ones_like(mids)), torch.nextafter(mids, -torch.ones_like(mids))
+    x = torch.cat([mids, up, down, torch.rand(200_000) * 2 - 1, torch.tensor([-1.0, 0.0, 1.0])])
+    assert torch.equal(_nearest_codes(x).long(), torch.bucketize(x, mids))
