@@ -15,7 +15,7 @@ c.CourseDirectory.db_url = "sqlite:///" + os.path.join(root, "gradebook.db")
 c.Exchange.root = os.path.join(root, "exchange")  # inside the course: nothing written to /usr or /srv
 
 # Per-cell timeout well above nbgrader's 30 s default (a lab cell may train for a minute).
-c.Execute.timeout = 300
+c.Execute.timeout = 120
 c.Execute.interrupt_on_timeout = True
 
 # Safety net: stderr lines that are only library warnings are dropped before grading (a graded
@@ -29,3 +29,19 @@ c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTests, CSSHTMLHeaderPre
 # Submissions may not change the kernel, and outputs stay small.
 c.LimitOutput.max_lines = 500
 c.LimitOutput.max_traceback = 50
+
+# Each submission's kernel runs boxed (qcore/course/sandbox.py): bubblewrap where present, with
+# these limits; nbgrader's own per-cell timeout is c.Execute.timeout above.
+c.QCourseSandbox.memory_mb = 6144
+c.QCourseSandbox.cpu_seconds = 900
+c.QCourseSandbox.processes = 256
+c.QCourseSandbox.file_mb = 512
+c.QCourseSandbox.wall_seconds = 900
+
+# The boxed kernel has a network namespace of its own: grader and kernel talk over unix sockets.
+c.KernelManager.transport = "ipc"
+
+# Which cell is running, so that a cell that kills the kernel can be skipped and the rest graded.
+from qcore.course.sandbox import record_cell_start  # noqa: E402
+
+c.Execute.on_cell_start = record_cell_start

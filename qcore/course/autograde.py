@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +28,12 @@ from pathlib import Path
 
 import nbformat
 
-from qcore.course.build import COURSE, nbgrader, venv_env, write_notebook
+from qcore.course import sandbox
+from qcore.course.build import COURSE, REPO, nbgrader, venv_env, write_notebook
+from qcore.course.sandbox import Limits
 from qcore.course.master import exercises, find_masters, load_master
 
 COURSE_ID = "qcourse"
-DEFAULT_TIMEOUT_S = 900
 
 
 @dataclass
@@ -91,10 +93,66 @@ def _read_scores(work: Path, lab: str, student: str) -> dict[str, float]:
         return {g.name: float(g.score) for nb in sub.notebooks for g in nb.grades}
 
 
+def _sandbox_env(work: Path, lab: str, student: str, course_root: Path, limits: Limits, cgroup: str) -> dict:
+    """Kernel spec and environment so that nbgrader starts this submission's kernel boxed.
+
+    The kernel sees: the system read-only; not /tmp (other submissions' folders), not the home
+    folder, not the course (references, masters, sources, gradebook, submissions); back on top,
+    read-only, the code, the interpreter, the model cache, its connection file and this lab's
+    reference files; writable, only its own execution folder.
+    """
+    from qcore.assets import cache_dir
+
+    exec_dir = work / "autograded" / student / lab
+    for d in (work / "runtime", work / "reference", exec_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    existing = lambda paths: [p for p in dict.fromkeys(Path(p).resolve() for p in paths) if p.exists()]
+    mounts = [("hide", p) for p in existing([tempfile.gettempdir(), "/tmp", Path.home()])]
+    mounts += [("ro", p) for p in existing([REPO, sys.prefix, sys.base_prefix, cache_dir()])]
+    mounts += [("hide", p) for p in existing([REPO / "course", course_root])]
+    # the runtime folder holds the kernel's connection file and its IPC sockets (the kernel has
+    # no network, not even the grader's loopback, so the two talk over unix sockets)
+    mounts += [("rw", work / "runtime"), ("ro", work / "reference"), ("rw", exec_dir)]
+    env = sandbox.write_kernel_spec(work, limits, mounts, cgroup)
+    # unix sockets at an absolute path both sides see (a relative one would resolve against two
+    # different working folders); the connection file goes there too, via TMPDIR
+    with open(work / "nbgrader_config.py", "a") as cfg:
+        cfg.write(f"\nc.KernelManager.ip = {str(work / 'runtime' / 'k')!r}\n")
+    env.update({"TMPDIR": str(work / "runtime"), "QCOURSE_REFERENCE_DIR": str(work / "reference"),
+                "QCOURSE_PROGRESS_FILE": str(work / "progress")})
+    return env
+
+
+CRASHED_CELL = ('raise RuntimeError("qcourse: this cell stopped the kernel (a crash, an exit or running '
+                'out of memory) and was skipped so the rest could be graded")\n')
+
+
+def _neutralize(notebook: Path, index: int) -> str:
+    """Replace the cell that killed the kernel (or, for a test cell, the solution it tests)."""
+    nb = nbformat.read(notebook, as_version=4)
+    if not 0 <= index < len(nb.cells):
+        return ""
+    target = index
+    if nb.cells[index].metadata.get("nbgrader", {}).get("locked"):
+        earlier = [i for i in range(index) if nb.cells[i].metadata.get("nbgrader", {}).get("solution")]
+        if not earlier:
+            return ""
+        target = earlier[-1]
+    nb.cells[target].source = CRASHED_CELL
+    nbformat.write(nb, notebook)
+    return f"cell {target + 1} stopped the kernel and was skipped"
+
+
 def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path,
-              timeout: float = DEFAULT_TIMEOUT_S) -> Outcome:
-    """Autograde one submission inside ``work`` (a private copy of ``template``)."""
+              timeout: float | None = None, course_root: Path = COURSE, attempts: int = 3) -> Outcome:
+    """Autograde one submission inside ``work`` (a private copy of ``template``), kernel boxed.
+
+    A kernel that dies (``os._exit``, a segfault, the memory cap) is pinned on the cell that was
+    running; that cell is skipped and the notebook graded again, so the rest still earns points.
+    """
     start = time.time()
+    limits = sandbox.load_limits(template)
+    timeout = timeout or limits.wall_seconds
     max_points = {e.grade_id: float(e.points) for e in exercises(
         nbformat.read(template / "source" / lab / f"{lab}.ipynb", as_version=4))}
     outcome = Outcome(student, "graded", max_score=sum(max_points.values()),
@@ -110,8 +168,25 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
     target = work / "submitted" / student / lab / f"{lab}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(nbformat.writes(nb), encoding="utf-8")
-    code, log = _run(["nbgrader", "autograde", lab, "--student", student, "--create", "--force"],
-                     work, timeout, env={"QCOURSE_REFERENCE_DIR": str(work / "reference")})
+    cgroup = f"qcourse-{os.getpid()}-{student}"[:60]
+    env = _sandbox_env(work, lab, student, course_root, limits, cgroup)
+    notes = []
+    try:
+        for _ in range(attempts):
+            left = timeout - (time.time() - start)
+            (work / "progress").unlink(missing_ok=True)
+            code, log = _run(["nbgrader", "autograde", lab, "--student", student, "--create", "--force"],
+                             work, max(1.0, left), env=env) if left > 0 else (None, "")
+            sandbox.kill_cgroup(cgroup)
+            died = code not in (0, None) and "DeadKernel" in log + _nbgrader_log(work)
+            if not died or not (work / "progress").is_file():
+                break
+            note = _neutralize(target, int((work / "progress").read_text() or -1))
+            if not note:
+                break
+            notes.append(note)
+    finally:
+        sandbox.kill_cgroup(cgroup)
     if code is None:
         outcome.status, outcome.message = "timeout", f"stopped after {timeout:.0f} s (wall-time limit)"
     elif code != 0 or not (work / "autograded" / student / lab).is_dir():
@@ -120,9 +195,15 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
         scores = _read_scores(work, lab, student)
         outcome.exercises = {k: scores.get(k, 0.0) for k in max_points}
         outcome.score = sum(outcome.exercises.values())
+        outcome.message = "; ".join(notes)
         _run(["nbgrader", "generate_feedback", lab, "--student", student, "--force"], work, 300)
     outcome.seconds = round(time.time() - start, 2)
     return outcome
+
+
+def _nbgrader_log(work: Path) -> str:
+    log = work / ".nbgrader.log"
+    return log.read_text(errors="replace")[-20000:] if log.is_file() else ""
 
 
 def _last_error(log: str) -> str:
@@ -161,7 +242,7 @@ def _copy_back(work: Path, course_root: Path, lab: str, student: str) -> None:
 
 
 def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool = False,
-              course_root: Path = COURSE, timeout: float = DEFAULT_TIMEOUT_S, log=print) -> list[Outcome]:
+              course_root: Path = COURSE, timeout: float | None = None, log=print) -> list[Outcome]:
     """Grade every submission (in parallel with ``jobs`` workers); returns outcomes by student.
 
     Each submission is first copied into ``course/submitted/<student>/<lab>/``. Unchanged
@@ -192,7 +273,7 @@ def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool
 
             def work(item):
                 sid, nb = item
-                return grade_one(lab, sid, nb, template, Path(tmp) / "work" / sid, timeout)
+                return grade_one(lab, sid, nb, template, Path(tmp) / "work" / sid, timeout, course_root)
 
             with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
                 for outcome in pool.map(work, sorted(todo.items())):

@@ -89,7 +89,7 @@ def _validate(args) -> int:
     with tempfile.TemporaryDirectory(prefix="qcourse-validate-") as tmp:
         template = Path(tmp) / "template"
         prepare_assignment(lab, args.course, template)
-        outcome = grade_one(lab, "student", notebook, template, Path(tmp) / "work")
+        outcome = grade_one(lab, "student", notebook, template, Path(tmp) / "work", course_root=args.course)
     print(f"{notebook.name} ({lab}): {outcome.status}" + (f" - {outcome.message}" if outcome.message else ""))
     from qcore.course.master import exercises, find_masters, load_master
 
@@ -119,7 +119,12 @@ def _autograde(args) -> int:
         outcomes = autograde(found, lab, jobs=args.jobs, force=args.force, course_root=args.course,
                              timeout=args.timeout)
     max_points = {e.grade_id: float(e.points) for e in exercises(load_master(find_masters(args.course)[lab]))}
-    report = write_report(outcomes, lab, args.course / "reports" / lab, max_points, mode="process-isolated")
+    from qcore.course.sandbox import mode
+
+    if mode() != "bubblewrap":
+        print("WARNING: bubblewrap is missing or refused here: submissions were graded with resource "
+              "limits only (no filesystem or network isolation). Install it: apt-get install bubblewrap")
+    report = write_report(outcomes, lab, args.course / "reports" / lab, max_points, mode=mode())
     print(f"grades: {report.parent / 'grades.csv'}\nreport: {report}")
     return 0
 
@@ -149,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lab", required=True)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--force", action="store_true", help="grade again even unchanged submissions")
-    p.add_argument("--timeout", type=float, default=900, help="wall-time limit per submission (s)")
+    p.add_argument("--timeout", type=float, help="wall-time limit per submission in s (default: "
+                   "QCourseSandbox.wall_seconds in nbgrader_config.py)")
     p.set_defaults(func=_autograde)
     args = parser.parse_args(argv)
     if args.version:
