@@ -29,6 +29,57 @@ class CheckFailed(AssertionError):
     """A self-check failed; the message is meant for the student."""
 
 
+class TamperingDetected(RuntimeError):
+    """The checking machinery was replaced or patched: this exercise scores 0."""
+
+
+_CHECK_NAMES = ("check_equal", "check_close", "check_true", "exercise", "reference", "forbid", "guard")
+
+
+def guard() -> None:
+    """Fail when the functions the checks rely on were redefined or monkeypatched.
+
+    Looks at: this module's functions (against a fresh compile of its own source), the copies
+    the notebook imported, ``torch.equal/allclose/isclose`` (must still be torch's built-ins) and
+    ``numpy.testing``'s assertions. Called by ``exercise`` and ``reference``, so every graded
+    cell runs it. It catches the usual ways to fake a pass; code in the same process can always
+    go further, which is why hidden tests also compare on inputs made at grading time.
+
+    Example:
+        >>> guard()   # nothing patched: silent
+    """
+    import inspect
+    import types
+
+    import numpy.testing
+    from numpy.testing._private import utils as np_utils
+
+    bad = []
+    for name in ("equal", "allclose", "isclose"):
+        if not isinstance(getattr(torch, name), types.BuiltinFunctionType):
+            bad.append(f"torch.{name}")
+    for name in ("assert_array_equal", "assert_allclose", "assert_equal", "assert_array_almost_equal"):
+        fn = getattr(numpy.testing, name)
+        if fn is not getattr(np_utils, name) or getattr(fn, "__code__", None) is None \
+                or fn.__code__.co_filename != np_utils.__file__:
+            bad.append(f"numpy.testing.{name}")
+    fresh: dict = {"__name__": "qcore._checks_pristine"}
+    exec(compile(Path(__file__).read_text(), __file__, "exec"), fresh)  # noqa: S102 - our own source
+    this = sys.modules[__name__]
+    for name, obj in fresh.items():
+        if inspect.isfunction(obj) and obj.__module__ == "qcore._checks_pristine":
+            current = getattr(this, name, None)
+            if getattr(current, "__code__", None) != obj.__code__:
+                bad.append(f"qcore.checks.{name}")
+    notebook = vars(sys.modules["__main__"])
+    for name in _CHECK_NAMES:
+        if name in notebook and notebook[name] is not getattr(this, name) and callable(notebook[name]) \
+                and getattr(notebook[name], "__module__", "") in (__name__, "__main__"):
+            bad.append(f"{name} (notebook)")
+    if bad:
+        raise TamperingDetected("the checking functions were replaced or patched: " + ", ".join(sorted(set(bad))))
+
+
 def _fail(name: str, expected, got, hint: str) -> None:
     msg = f"✗ {name}\n  expected: {expected}\n  got:      {got}"
     if hint:
@@ -123,6 +174,7 @@ def exercise(title: str):
         ...
         qcore.checks.CheckFailed: Exercise 0: not done yet - replace `raise NotImplementedError()` with your code.
     """
+    guard()
     try:
         yield
     except NotImplementedError:
@@ -142,6 +194,7 @@ def reference_dir() -> Path:
 
 def reference(lab: str, name: str) -> dict[str, np.ndarray]:
     """The arrays of ``<reference_dir>/<lab>/<name>.npz`` (inputs and expected outputs)."""
+    guard()
     file = reference_dir() / lab / f"{name}.npz"
     if not file.is_file():
         raise FileNotFoundError(f"reference output {file} is missing (set QCOURSE_REFERENCE_DIR "
