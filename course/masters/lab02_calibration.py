@@ -1,0 +1,1109 @@
+# %% [markdown]
+# # Lab 2: calibration and linear quantization
+#
+# Quantization maps floats onto a small grid of integers. Two numbers decide the map: a **scale**
+# (the float step between neighbouring codes) and a **zero-point** (the code that stands for 0.0).
+# Choosing them is called calibration, and it decides how much of the signal survives. You will:
+#
+# 1. compute scale and zero-point from a float range, on the asymmetric and the symmetric grid;
+# 2. quantize, dequantize, and measure the error (MSE and SQNR), about 6 dB per bit;
+# 3. give each row, or each group of 32 to 128 weights, its own scale, on a real weight matrix;
+# 4. calibrate real activations of a sentiment classifier: min-max, percentile, MSE and entropy;
+# 5. pack two 4-bit codes into one byte.
+#
+# Each exercise is a function to complete between the markers, followed by a test cell. The test
+# cell checks your function on a few examples; the grader runs more tests (other inputs, edge
+# cases) and fails any function that just calls the `qcore` or PyTorch function it rebuilds.
+# Each exercise is checked on its own: Exercise 4 builds on your Exercise 1, and its checks swap in
+# qcore's version of Exercise 1, so that a mistake there costs points only once.
+
+# %% locked="setup"
+import importlib.util
+if importlib.util.find_spec("qcore") is None:  # Colab or a bare kernel: install the course library
+    # %pip install -q "{{QCORE_SOURCE}}"
+    importlib.invalidate_caches()
+from qcore.notebook import setup
+DEVICE = setup()
+
+# %%
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from qcore.assets import AssetError
+from qcore.calibrate import EntropyObserver, MinMaxObserver, MSEObserver, PercentileObserver
+from qcore.quant import (PerChannel, PerGroup, PerTensor, choose_qparams, dequantize, fake_quantize,
+                         pack_int4, qparams_from_range, quantize, sqnr_db, unpack_int4)
+from qcore.train import under_grader
+
+EPS = torch.finfo(torch.float32).eps  # the smallest scale ever used (about 1.19e-7)
+
+# %% [markdown]
+# ## 1. From a float range to an integer grid
+#
+# A `bits`-wide integer holds `2**bits` codes. Linear (affine) quantization spreads them evenly
+# over a float range `[xmin, xmax]`:
+#
+#     q     = clamp(round(x / scale) + zero_point, qmin, qmax)     (quantize)
+#     x_hat = (q - zero_point) * scale                               (dequantize)
+#
+# `round` is round-half-to-even (`torch.round`: 2.5 -> 2, 3.5 -> 4), the rule of IEEE arithmetic
+# and of PyTorch's quantized kernels. This course uses two grids:
+#
+# | grid | codes `[qmin, qmax]` | 8 bits | scale | zero-point |
+# | --- | --- | --- | --- | --- |
+# | asymmetric (affine) | `[0, 2**bits - 1]` | `[0, 255]` | `(xmax - xmin) / (qmax - qmin)` | `clamp(qmin - round(xmin / scale), qmin, qmax)` |
+# | symmetric | `[-(2**(bits-1) - 1), 2**(bits-1) - 1]` | `[-127, 127]` | `max(abs(xmin), abs(xmax)) / qmax` | `0` |
+#
+# Two more rules make the map safe on any data:
+#
+# * **0.0 must be exact.** Zero padding and ReLU outputs are everywhere, and an error there is an
+#   error on every padded token. So before anything else the range is widened to contain zero:
+#   `xmin = min(xmin, 0)` and `xmax = max(xmax, 0)`. Then `x = 0` lands exactly on the code
+#   `zero_point`, an integer.
+# * **A zero-width range gets a tiny scale, not NaN.** An all-zero tensor (a bias that was never
+#   trained, a dead channel) has `xmax - xmin = 0`, and `0 / 0` is NaN. The scale is clamped:
+#   `scale = max(scale, EPS)` with `EPS = torch.finfo(torch.float32).eps`, as torch's observers do.
+#
+# The symmetric grid stops at `-127`, not `-128`: its zero-point is always 0, and the weights of a
+# layer sit around zero, so the grid is centred there (more on the missing `-128` after the exercise).
+#
+# The worked examples of the tutorials, with these formulas (8 bits, asymmetric):
+#
+# * `[0, 1000]`: `scale = 1000 / 255 = 3.92`, `zero_point = 0`, and 250 goes to
+#   `round(250 / 3.92) = round(63.75) = 64`. (The tutorial calls this example symmetric; on the
+#   unsigned grid `[0, 255]` with `xmin = 0` it is the asymmetric formula with zero-point 0.)
+# * `[-20, 1000]`: `scale = 1020 / 255 = 4.0`, `zero_point = 0 - round(-20 / 4) = 5`, and -20
+#   goes to `round(-5) + 5 = 0`: the tutorial's "adjust it to fit within 0 to 255" is the zero-point.
+#
+# ### Exercise 1: scale and zero-point (2 points)
+#
+# Complete `int_grid`, which returns `(qmin, qmax)`, and `scale_zero_point`. `xmin` and `xmax`
+# are Python floats or tensors of one shape (one range per element, which Exercise 4 uses):
+# turn them into float32 tensors (`torch.as_tensor(v, dtype=torch.float32)`) and use torch
+# operations (`torch.clamp`, `torch.maximum`, `torch.round`), so that both cases work. Return
+# `scale` as a float32 tensor and `zero_point` as an integer tensor (`torch.int32`), both of the
+# shape of `xmin`. The order: widen to contain 0, compute the scale, clamp it to at least `EPS`,
+# then the zero-point from the clamped scale.
+
+# %% solution="ex1_scale_zero_point"
+def int_grid(bits: int, symmetric: bool) -> tuple[int, int]:
+    """(qmin, qmax): [0, 2**bits - 1] (asymmetric) or [-(2**(bits-1) - 1), 2**(bits-1) - 1] (symmetric)."""
+    ### BEGIN SOLUTION
+    if symmetric:
+        return -(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+    ### END SOLUTION
+
+
+def scale_zero_point(xmin, xmax, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float32) and zero-point (int32) that map [xmin, xmax] onto the bits-wide grid."""
+    ### BEGIN SOLUTION
+    qmin, qmax = int_grid(bits, symmetric)
+    xmin = torch.clamp(torch.as_tensor(xmin, dtype=torch.float32), max=0.0)  # the range holds 0
+    xmax = torch.clamp(torch.as_tensor(xmax, dtype=torch.float32), min=0.0)
+    if symmetric:
+        scale = torch.clamp(torch.maximum(-xmin, xmax) / qmax, min=EPS)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = torch.clamp((xmax - xmin) / (qmax - qmin), min=EPS)
+    zero_point = torch.clamp(qmin - torch.round(xmin / scale), qmin, qmax).to(torch.int32)
+    return scale, zero_point
+    ### END SOLUTION
+
+
+# %% tests="ex1_scale_zero_point_tests" points=2
+from qcore.checks import check_close, check_equal, check_true, exercise
+
+with exercise("Exercise 1: scale and zero-point"):
+    check_equal(tuple(int_grid(8, False)), (0, 255), "8-bit asymmetric grid", hint="[0, 2**bits - 1]")
+    check_equal(tuple(int_grid(8, True)), (-127, 127), "8-bit symmetric grid stops at -127",
+                hint="the restricted grid [-(2**(bits-1) - 1), 2**(bits-1) - 1]: no -128")
+    check_equal(tuple(int_grid(4, True)), (-7, 7), "4-bit symmetric grid")
+    scale, zp = scale_zero_point(0.0, 1000.0, 8, symmetric=False)
+    check_close(float(scale), 1000 / 255, "[0, 1000] to 8 bits: scale 1000 / 255 = 3.92",
+                hint="(xmax - xmin) / (qmax - qmin)")
+    check_equal(int(zp), 0, "[0, 1000]: zero-point 0")
+    check_equal(int(torch.round(250.0 / scale) + zp), 64, "250 -> round(250 / 3.92) = 64 (the tutorial's example)")
+    scale, zp = scale_zero_point(-20.0, 1000.0, 8, symmetric=False)
+    check_close(float(scale), 4.0, "[-20, 1000]: scale 4.0",
+                hint="the range is max - min = 1020, not max = 1000: 1020 / 255 = 4.0")
+    check_equal(int(zp), 5, "[-20, 1000]: zero-point 5",
+                hint="zero_point = qmin - round(xmin / scale) = 0 - round(-20 / 4) = +5: mind the sign")
+    check_equal(int(torch.round(-20.0 / scale) + zp), 0, "-20 -> code 0, 0.0 -> code 5")
+    scale, zp = scale_zero_point(-6.0, 5.0, 8, symmetric=True)
+    check_close(float(scale), 6 / 127, "symmetric [-6, 5]: scale 6 / 127",
+                hint="max(abs(xmin), abs(xmax)) / qmax with qmax = 127")
+    check_equal(int(zp), 0, "symmetric: zero-point 0")
+    check_equal([int(torch.round(v / scale)) for v in (-6.0, 0.0, 5.0)], [-127, 0, 106],
+                "symmetric [-6, 5]: -6, 0, 5 -> codes -127, 0, 106")
+    scale, zp = scale_zero_point(2.0, 5.0, 8, symmetric=False)
+    check_close(float(scale), 5 / 255, "[2, 5] is widened to [0, 5]: scale 5 / 255",
+                hint="widen first: xmin = min(xmin, 0), xmax = max(xmax, 0)")
+    check_equal(int(zp), 0, "[2, 5]: zero-point 0")
+    scale, zp = scale_zero_point(-5.0, -2.0, 8, symmetric=False)
+    check_equal(int(zp), 255, "[-5, -2] is widened to [-5, 0]: zero-point 255")
+    scale, zp = scale_zero_point(0.0, 0.0, 8, symmetric=False)
+    check_true(math.isfinite(float(scale)) and float(scale) > 0, "all-zero range: a finite, positive scale",
+               hint="clamp the scale to at least EPS: 0 / 0 is NaN")
+    check_close(float(scale), EPS, "all-zero range: scale EPS")
+    scale, zp = scale_zero_point(torch.tensor([-1.0, 0.0, -2.0]), torch.tensor([3.0, 2.0, 5.0]), 4, False)
+    check_close(scale, torch.tensor([4 / 15, 2 / 15, 7 / 15]), "three ranges at once, 4 bits: scales",
+                hint="use torch operations (torch.clamp, torch.maximum), not Python's max/min")
+    check_equal(zp.to(torch.int64), torch.tensor([4, 0, 4]), "three ranges at once: zero-points",
+                hint="-round(-2 / (7/15)) = -round(-4.29) = 4: round to nearest, not down")
+### BEGIN HIDDEN TESTS
+from qcore.checks import forbid, reference
+
+_forbidden = ("qcore.quant.qrange", "qcore.quant.qparams_from_range", "qcore.quant.choose_qparams",
+              "torch.ao.quantization.observer.UniformQuantizationObserverBase._calculate_qparams")
+with forbid(*_forbidden):
+    _grids = {(_b, _s): tuple(int(_v) for _v in int_grid(_b, _s)) for _b in range(2, 17) for _s in (False, True)}
+for (_b, _s), _g in _grids.items():
+    _want = (-(2 ** (_b - 1) - 1), 2 ** (_b - 1) - 1) if _s else (0, 2**_b - 1)
+    assert _g == _want, f"int_grid({_b}, symmetric={_s}) = {_g}"
+_ref = reference("lab02_calibration", "scale_zero_point")
+_xmin, _xmax = torch.from_numpy(_ref["xmin"]), torch.from_numpy(_ref["xmax"])
+_bits, _sym = torch.from_numpy(_ref["bits"]), torch.from_numpy(_ref["symmetric"])
+_want_s, _want_z = torch.from_numpy(_ref["scale"]).double(), torch.from_numpy(_ref["zero_point"])
+for _b in sorted(set(_bits.tolist())):
+    for _s in (False, True):
+        _sel = (_bits == _b) & (_sym == _s)
+        if not bool(_sel.any()):
+            continue
+        with forbid(*_forbidden):
+            _scale, _zp = scale_zero_point(_xmin[_sel].clone(), _xmax[_sel].clone(), _b, _s)
+        _scale, _zp = torch.as_tensor(_scale), torch.as_tensor(_zp)
+        _what = f"{_b} bits, symmetric={_s}"
+        assert _scale.shape == _zp.shape == _xmin[_sel].shape, f"{_what}: result shapes"
+        assert bool((torch.isfinite(_scale) & (_scale > 0)).all()), f"{_what}: a scale is not finite and positive"
+        assert torch.allclose(_scale.double(), _want_s[_sel], rtol=2e-6, atol=0.0), f"{_what}: scales differ"
+        assert torch.equal(_zp.double(), _want_z[_sel].double()), f"{_what}: zero-points differ"
+# One range at a time, as Python floats.
+for _j in range(0, len(_xmin), 5):
+    with forbid(*_forbidden):
+        _scale, _zp = scale_zero_point(float(_xmin[_j]), float(_xmax[_j]), int(_bits[_j]), bool(_sym[_j]))
+    _what = f"[{float(_xmin[_j])}, {float(_xmax[_j])}], {int(_bits[_j])} bits, symmetric={bool(_sym[_j])}"
+    assert math.isclose(float(_scale), float(_want_s[_j]), rel_tol=2e-6), f"scale of {_what}"
+    assert float(_zp) == float(_want_z[_j]), f"zero-point of {_what}"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# **Why -127 and not -128.** One tutorial maps the symmetric range `[-6, 5]` to int8 with the full
+# signed grid `[-128, 127]` and `scale = 6 / 128`: -6 goes to -128, 5 to about 106 (to 107 in fact,
+# `round(106.67)`). The full grid is lopsided: -128 has no mirror image. With `scale = max|x| / 128`,
+# `+6` would need the code +128, which does not exist, so it is clipped to 127 and comes back as
+# 5.95: the largest weights, the ones that matter most, lose a whole step, and only if they are
+# positive. With `scale = max|x| / 127` instead, the code -128 is simply never used. The restricted
+# grid `[-127, 127]` says so openly. It costs one code of 256 (the step grows by 128/127, 0.8 %,
+# less than 0.07 dB of SQNR) and buys three things: `q(-x) = -q(x)` exactly, `+max|x|` and
+# `-max|x|` are both exact, and negating a code never overflows (in int8, `-(-128)` is `-128`).
+# LLM.int8 and QLoRA use this absmax convention, and so does this course.
+
+# %%
+print(f"{'x':>6} {'full grid, scale 6/128':>24} {'restricted, scale 6/127':>25}")
+for x in (-6.0, 5.0, 6.0):
+    cells = []
+    for scale, qmin in ((6 / 128, -128), (6 / 127, -127)):
+        q = int(min(max(round(x / scale), qmin), 127))  # Python's round is half-to-even too
+        cells.append(f"{q:5d} -> {q * scale:7.4f}")
+    print(f"{x:6.1f} {cells[0]:>24} {cells[1]:>25}")
+
+# %% [markdown]
+# The same two grids at 3 bits, where the steps are big enough to see. Each float in the range is
+# replaced by the nearest grid value; the error is at most half a step inside the range and grows
+# without bound outside it, where the clamp holds the code at `qmin` or `qmax`.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+for ax, (lo, hi, symmetric) in zip(axes, ((-20.0, 1000.0, False), (-6.0, 5.0, True))):
+    qp = qparams_from_range(lo, hi, bits=3, symmetric=symmetric)
+    pad = 0.15 * (hi - lo)
+    x = torch.linspace(lo - pad, hi + pad, 2001)
+    ax.plot(x, x, "k:", lw=1, label="x")
+    ax.plot(x, dequantize(quantize(x, qp), qp), label="dequantize(quantize(x))")
+    ax.axvspan(lo, hi, color="tab:green", alpha=0.08, label="calibrated range")
+    grid = "asymmetric [0, 7]" if not symmetric else "symmetric [-3, 3]"
+    ax.set(xlabel="x", title=f"[{lo:g}, {hi:g}] on the 3-bit {grid} grid: scale {qp.scale.item():.4g}, "
+                             f"zero-point {qp.zero_point.item()}")
+    ax.legend(loc="upper left")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# On the left, a step is `1020 / 7 = 146`: -20 lies less than half a step below 0, so the
+# zero-point rounds to 0 and -20 comes back as 0.0, while 0.0 itself stays exact. On the right the
+# grid covers `[-6, 6]` although no value goes past 5: the symmetric grid wastes part of its range
+# on the narrower side, but its zero-point is always 0, which makes integer matrix products
+# cheaper (no zero-point corrections). Weights, centred on zero, are usually quantized this way;
+# one-sided activations (after a ReLU) on the asymmetric grid.
+#
+# ## 2. Quantize, dequantize, and what it costs
+#
+# ### Exercise 2: quantize and dequantize (2 points)
+#
+# Complete the two maps of section 1:
+#
+#     q     = clamp(round(x / scale) + zero_point, qmin, qmax)      an integer tensor (torch.int32)
+#     x_hat = (q - zero_point) * scale                                a float32 tensor
+#
+# `scale` and `zero_point` are numbers or tensors that broadcast against `x` (a scale of shape
+# `[out, 1]` gives each row of an `[out, in]` matrix its own). Divide by the scale (do not multiply
+# by its inverse: it rounds differently), round half to even with `torch.round`, add the zero-point,
+# then clamp. No `torch.quantize_per_tensor`, no `torch.fake_quantize_*`, no `qcore.quant`.
+
+# %% solution="ex2_quantize"
+def quantize_affine(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes clamp(round(x / scale) + zero_point, qmin, qmax), as torch.int32."""
+    ### BEGIN SOLUTION
+    q = torch.round(x / scale) + zero_point
+    return torch.clamp(q, qmin, qmax).to(torch.int32)
+    ### END SOLUTION
+
+
+def dequantize_affine(q: torch.Tensor, scale, zero_point) -> torch.Tensor:
+    """Float32 values (q - zero_point) * scale."""
+    ### BEGIN SOLUTION
+    return ((q.to(torch.float32) - zero_point) * scale).to(torch.float32)
+    ### END SOLUTION
+
+
+# %% tests="ex2_quantize_tests" points=2
+from qcore.checks import check_close, check_equal, check_true, exercise
+
+with exercise("Exercise 2: quantize and dequantize"):
+    q = quantize_affine(torch.tensor([0.0, 250.0, 1000.0]), 1000 / 255, 0, 0, 255)
+    check_true(not q.is_floating_point(), "codes are integers", hint="finish with .to(torch.int32)")
+    check_equal(q.to(torch.int64), torch.tensor([0, 64, 255]), "[0, 1000]: 0, 250, 1000 -> 0, 64, 255")
+    q = quantize_affine(torch.tensor([-20.0, 0.0, 1000.0, -40.0, 2000.0]), 4.0, 5, 0, 255)
+    check_equal(q.to(torch.int64), torch.tensor([0, 5, 255, 0, 255]),
+                "[-20, 1000] (scale 4, zero-point 5): -20, 0, 1000 -> 0, 5, 255; outside the range clamps",
+                hint="add the zero-point (+5), then clamp to [qmin, qmax]")
+    check_equal(quantize_affine(torch.tensor([0.5, 1.5, 2.5, -2.5, 2.6]), 1.0, 0, -127, 127).to(torch.int64),
+                torch.tensor([0, 2, 2, -2, 3]), "ties go to the even code: 0.5, 1.5, 2.5, -2.5 -> 0, 2, 2, -2",
+                hint="torch.round rounds half to even; floor(x + 0.5) and int() do not")
+    check_equal(quantize_affine(torch.tensor([0.3, -0.3]), 1.0, 0, -127, 127).to(torch.int64),
+                torch.tensor([0, 0]), "round to nearest, not down", hint="torch.floor(-0.3) is -1")
+    x_hat = dequantize_affine(torch.tensor([0, 5, 255], dtype=torch.int32), 4.0, 5)
+    check_equal(x_hat.dtype, torch.float32, "dequantized values are float32")
+    check_close(x_hat, torch.tensor([-20.0, 0.0, 1000.0]), "codes 0, 5, 255 -> -20, 0, 1000",
+                hint="subtract the zero-point before scaling: (q - zero_point) * scale")
+    w = torch.tensor([[0.1, -0.2, 0.3], [3.0, 2.0, -8.0]])
+    scale = torch.tensor([[0.3 / 127], [8.0 / 127]])  # one scale per row, shape [2, 1]
+    q = quantize_affine(w, scale, 0, -127, 127)
+    check_equal(q.to(torch.int64), torch.tensor([[42, -85, 127], [48, 32, -127]]), "a scale per row broadcasts")
+    check_close(dequantize_affine(q, scale, 0), w, "...and comes back within half a step", atol=0.04)
+### BEGIN HIDDEN TESTS
+from qcore.checks import forbid, reference
+
+_forbidden = ("qcore.quant.quantize", "qcore.quant.dequantize", "qcore.quant.fake_quantize",
+              "torch.quantize_per_tensor", "torch.quantize_per_channel",
+              "torch.fake_quantize_per_tensor_affine", "torch.fake_quantize_per_channel_affine")
+
+
+def _check(_x, _scale, _zp, _qmin, _qmax, _want_q, _want_x, _what):
+    with forbid(*_forbidden):
+        _q = quantize_affine(_x.clone(), _scale, _zp, _qmin, _qmax)
+        _x_hat = dequantize_affine(_want_q.to(torch.int32), _scale, _zp)
+    assert isinstance(_q, torch.Tensor) and not _q.is_floating_point(), f"{_what}: codes must be an integer tensor"
+    assert _q.shape == _x.shape, f"{_what}: codes have shape {tuple(_q.shape)}, not {tuple(_x.shape)}"
+    assert torch.equal(_q.to(torch.int64), _want_q), f"{_what}: codes differ"
+    assert isinstance(_x_hat, torch.Tensor) and _x_hat.dtype == torch.float32, f"{_what}: dequantize must give float32"
+    assert _x_hat.shape == _x.shape, f"{_what}: dequantized shape"
+    _tol = 1e-6 * float(_want_x.abs().max()) + 1e-30
+    assert torch.allclose(_x_hat, _want_x, rtol=1e-6, atol=_tol), f"{_what}: dequantized values differ"
+
+
+_ref = reference("lab02_calibration", "quantize")
+for _i in range(int(_ref["n_cases"])):
+    _scale, _zp = torch.from_numpy(_ref[f"scale{_i}"]), torch.from_numpy(_ref[f"zp{_i}"])
+    if _scale.ndim == 0 and _i % 2:  # plain numbers as well as tensors
+        _scale, _zp = float(_scale), int(_zp)
+    _check(torch.from_numpy(_ref[f"x{_i}"]), _scale, _zp, int(_ref["qmin"][_i]), int(_ref["qmax"][_i]),
+           torch.from_numpy(_ref[f"q{_i}"]), torch.from_numpy(_ref[f"xhat{_i}"]), f"reference case {_i}")
+# Random shapes, bits and grids; per-tensor and per-channel; data 30 % beyond the range.
+_g = torch.Generator().manual_seed(7)
+for _t in range(24):
+    _shape = tuple(torch.randint(1, 9, (int(torch.randint(1, 5, (1,), generator=_g)),), generator=_g).tolist())
+    _bits, _sym = (2, 4, 8)[_t % 3], bool(_t % 2)
+    _x = torch.randn(_shape, generator=_g) * float(10.0 ** torch.randint(-3, 4, (1,), generator=_g)) + 0.3 * _t
+    _gran = PerChannel(0) if (_t // 2) % 2 and len(_shape) > 1 else PerTensor()
+    _qp = choose_qparams(_x, _bits, _sym, _gran)
+    _x = _x * 1.3
+    _want_q = quantize(_x, _qp).to(torch.int64)
+    _check(_x, _qp.scale, _qp.zero_point, _qp.qmin, _qp.qmax, _want_q, dequantize(_want_q, _qp),
+           f"shape {_shape}, {_bits} bits, symmetric={_sym}, {type(_gran).__name__}")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ### A tutorial's example, checked
+#
+# One tutorial "quantizes" ten weights drawn from `[-126, 127]` with `scale = max|w| / 15` and
+# `np.clip(w / scale, -14, 15).astype(np.float16)`, and reports a mean absolute error of 0.906.
+# Two things are off. There is no rounding to an integer: the cast to float16 keeps 11 significant
+# bits, so eight of the ten "errors" are float16 rounding (a few thousandths), not quantization. And the
+# grid `[-14, 15]` (borrowed from FP16's exponent range) is lopsided: the two most negative weights
+# are clipped to `-14 * scale`, and these two clipping errors make up nearly all of the mean.
+# Their numbers, reproduced; then the same weights on a real 5-bit grid `[-15, 15]`, where every
+# weight is rounded to one of 31 codes. That error is larger, as it must be (up to half a step,
+# 3.4 here), and nothing is clipped: the tutorial's 0.906 measures clipping, not quantization.
+
+# %%
+w = np.array([-20.410507, -19.901762, -70.0985, -13.243117, 12.347162, -100.66862,
+              -41.767776, 10.851324, 32.425034, -96.281494], dtype=np.float32)  # the tutorial's weights
+scale = np.max(np.abs(w)) / 15.0
+theirs = np.clip(w / scale, -14, 15).astype(np.float16).astype(np.float32) * scale
+print("their dequantized weights:", np.array2string(theirs, precision=6, max_line_width=120))
+print(f"their mean |error|: {np.mean(np.abs(w - theirs)):.8f}   (the tutorial prints 0.90581906)")
+qp = qparams_from_range(w.min(), w.max(), bits=5, symmetric=True)
+ours = dequantize(quantize(torch.from_numpy(w), qp), qp).numpy()
+print("codes on [-15, 15]:       ", quantize(torch.from_numpy(w), qp).tolist())
+print(f"5-bit symmetric mean |error|: {np.mean(np.abs(w - ours)):.4f}, at most scale / 2 = {qp.scale.item() / 2:.4f}")
+
+# %% [markdown]
+# ### Exercise 3: measuring the error (1 point)
+#
+# Two numbers summarise how much a quantizer hurts:
+#
+#     MSE  = mean((x - x_hat)**2)
+#     SQNR = 10 * log10( sum(x**2) / sum((x - x_hat)**2) )     in dB
+#
+# The MSE has the units of `x` squared, so it depends on the scale of the data; the
+# signal-to-quantization-noise ratio (SQNR) does not, and compares layers of any size. 10 dB is a
+# noise power ten times smaller than the signal, 40 dB ten thousand times. Return Python floats;
+# compute in float64 (`.double()`), and return `math.inf` when `x_hat` equals `x` (no noise).
+# No `torch.nn.functional.mse_loss`.
+
+# %% solution="ex3_error"
+def quant_mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Mean squared error mean((x - x_hat)**2)."""
+    ### BEGIN SOLUTION
+    return torch.mean((x.double() - x_hat.double()) ** 2).item()
+    ### END SOLUTION
+
+
+def quant_sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(sum x**2 / sum (x - x_hat)**2) in dB."""
+    ### BEGIN SOLUTION
+    noise = torch.sum((x.double() - x_hat.double()) ** 2).item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(torch.sum(x.double() ** 2).item() / noise)
+    ### END SOLUTION
+
+
+# %% tests="ex3_error_tests" points=1
+from qcore.checks import check_close, check_equal, check_true, exercise
+
+with exercise("Exercise 3: measuring the error"):
+    x, x_hat = torch.tensor([3.0, 4.0]), torch.tensor([3.0, 3.0])
+    check_close(quant_mse(x, x_hat), 0.5, "MSE of [3, 4] vs [3, 3] = (0 + 1) / 2",
+                hint="the mean of the squared differences, not the sum and not the square root")
+    check_close(quant_sqnr_db(x, x_hat), 10 * math.log10(25.0),
+                "SQNR of [3, 4] vs [3, 3] = 10 log10(25 / 1) = 13.98 dB",
+                hint="10 * log10 of a ratio of powers (sums of squares), not 20 * log10")
+    check_close(quant_sqnr_db(x, torch.zeros(2)), 0.0, "x_hat = 0: noise = signal, 0 dB")
+    check_true(quant_sqnr_db(x, x.clone()) == math.inf, "no error: SQNR = inf",
+               hint="return math.inf when the noise is 0")
+    check_true(isinstance(quant_mse(x, x_hat), float), "returns a Python float", hint="use .item()")
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(100_000, generator=g) * 2 - 1
+    u_hat = torch.round(u * 127) / 127  # the 8-bit symmetric grid, scale 1/127
+    check_close(quant_mse(u, u_hat), (1 / 127) ** 2 / 12, "uniform data, 8 bits: MSE = scale**2 / 12", rtol=0.02)
+    check_close(quant_sqnr_db(u, u_hat), 20 * math.log10(254), "...and SQNR = 20 log10(2 * 127) = 48.1 dB", atol=0.1)
+### BEGIN HIDDEN TESTS
+from qcore.checks import forbid, reference
+
+_ref = reference("lab02_calibration", "errors")
+for _i in range(int(_ref["n_cases"])):
+    _x, _x_hat = torch.from_numpy(_ref[f"x{_i}"]), torch.from_numpy(_ref[f"xhat{_i}"])
+    with forbid("qcore.quant.mse", "qcore.quant.sqnr_db", "torch.nn.functional.mse_loss"):
+        _m, _s = quant_mse(_x.clone(), _x_hat.clone()), quant_sqnr_db(_x.clone(), _x_hat.clone())
+    _want_m, _want_s = float(_ref["mse"][_i]), float(_ref["sqnr"][_i])
+    assert math.isclose(float(_m), _want_m, rel_tol=1e-5, abs_tol=1e-15), f"case {_i}: MSE {float(_m)} != {_want_m}"
+    if math.isinf(_want_s):
+        assert math.isinf(float(_s)) and float(_s) > 0, f"case {_i}: x_hat == x must give +inf"
+    else:
+        assert abs(float(_s) - _want_s) < 1e-4, f"case {_i}: SQNR {float(_s)} != {_want_s}"
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ### About 6 dB per bit
+#
+# Inside the range, the rounding error is spread evenly over `[-scale/2, scale/2]`, so its power
+# is `scale**2 / 12`. One more bit doubles the number of codes and halves the scale: the noise
+# power drops 4 times, `10 log10(4) = 6.02 dB`. For data spread evenly over `[-a, a]` on the
+# symmetric grid, `SQNR = 20 log10(2 * qmax) ≈ 6.02 * bits`. Data with a peak and long tails
+# follows the same slope from a lower start, because min-max calibration spends most codes on
+# the rare large values.
+#
+# Here are real weights too. They come from the sentiment classifier of labs 2 to 4: on this
+# machine it is the course's offline model, **all-MiniLM-L6-v2 (a 6-layer BERT, 384 wide) moved
+# weight for weight into DistilBERT's architecture** and fine-tuned on movie-review sentences
+# (`make setup` prepares it once). On Colab, the helper below loads the real
+# `distilbert-base-uncased-finetuned-sst-2-english` from the Hugging Face hub instead; the layer
+# names are the same, the matrices twice as wide.
+
+# %%
+from qcore.zoo import load_sentiment_data, load_sentiment_model
+from qcore.zoo.sentiment import HUB_SENTIMENT_MODEL
+
+
+def load_model():
+    """The course's classifier (offline, after `make setup`), else the hub's DistilBERT (online)."""
+    try:
+        return load_sentiment_model()
+    except AssetError as err:
+        print(f"The course's offline model is not here: {err}\n"
+              f"Trying {HUB_SENTIMENT_MODEL} from the Hugging Face hub instead (needs internet).")
+        return load_sentiment_model(HUB_SENTIMENT_MODEL)
+
+
+def load_sentences():
+    """Movie-review sentences (offline, after `make setup`), else GLUE SST-2 (online)."""
+    try:
+        return load_sentiment_data("movies")
+    except AssetError as err:
+        print(f"The course's offline sentences are not here: {err}\nLoading SST-2 from the hub instead.")
+        return load_sentiment_data("sst2")
+
+
+model, tokenizer = load_model()
+layers = model.distilbert.transformer.layer
+n_params = sum(p.numel() for p in model.parameters())
+print(f"{type(model).__name__}: {len(layers)} layers, {n_params / 1e6:.1f}M parameters")
+
+# %%
+gen = torch.Generator().manual_seed(0)
+data = {"uniform": torch.rand(100_000, generator=gen) * 2 - 1,
+        "Gaussian": torch.randn(100_000, generator=gen)}
+W_real = layers[3].ffn.lin1.weight.detach().float().cpu()
+all_bits = list(range(2, 13))
+fig, ax = plt.subplots(figsize=(9, 4.5))
+for label, x, gran in (("uniform on [-1, 1], per-tensor", data["uniform"], PerTensor()),
+                       ("Gaussian, per-tensor", data["Gaussian"], PerTensor()),
+                       ("layer 3 ffn.lin1 weight, per-tensor", W_real, PerTensor()),
+                       ("layer 3 ffn.lin1 weight, per-channel", W_real, PerChannel(0))):
+    sq = [sqnr_db(x, fake_quantize(x, choose_qparams(x, b, symmetric=True, granularity=gran))) for b in all_bits]
+    slope = np.polyfit(all_bits[2:], sq[2:], 1)[0]  # fitted on 4 to 12 bits
+    ax.plot(all_bits, sq, "o-", ms=4, label=f"{label}: {slope:.2f} dB/bit")
+ax.plot(all_bits, [6.02 * b for b in all_bits], "k:", label="6.02 dB x bits")
+ax.set(xlabel="bits (symmetric grid, min-max scale)", ylabel="SQNR (dB)", title="Each bit buys about 6 dB")
+ax.legend()
+plt.show()
+
+# %% [markdown]
+# Below 4 bits the curves bend: with 3 or 7 codes, the error is no longer evenly spread over a
+# step. The gaps between the curves are what the rest of this lab is about: the Gaussian and the
+# weights lose one to two bits' worth of SQNR to their tails, and giving each row its own scale
+# wins part of it back.
+#
+# ## 3. Granularity: who shares a scale
+#
+# One scale for a whole tensor (**per-tensor**) is cheapest, but the largest value anywhere sets
+# the step for everyone. Finer choices give more scales, each fitted to fewer values:
+#
+# | granularity | values sharing a scale | scale shape for `w` of shape `[out, in]` |
+# | --- | --- | --- |
+# | per-tensor | all `out * in` | `[]` (one number) |
+# | per-channel (`axis=0`) | one row (one output channel) | `[out, 1]` |
+# | per-group (`group_size`) | `group_size` consecutive values of a row | `[out, in // group_size]` |
+#
+# Per-channel scales cost nothing at run time: the matrix product `x @ w.T` sums along `in`, so a
+# scale per output row can be applied to the result. Per-group scales change inside a row, so the
+# kernel applies them inside the sum; 4-bit LLM formats (GPTQ, AWQ, bitsandbytes' NF4) use groups
+# of 32 to 128. The scales are stored too, usually in FP16: 16 bits per group of 32 adds 0.5 bit per
+# weight.
+#
+# ### Exercise 4: per-channel and per-group parameters (3 points)
+#
+# Complete both functions with min-max ranges and your `scale_zero_point`:
+#
+# * `per_channel_qparams(w, bits, symmetric, axis)`: one range per index along `axis`, the min and
+#   max over **all the other** dimensions, kept as size-1 dimensions so that the result broadcasts
+#   against `w`: `[out, in]` with `axis=0` gives `[out, 1]`, with `axis=1` gives `[1, in]`; a 3-D
+#   `[a, b, c]` with `axis=1` gives `[1, b, 1]`. `axis` may be negative (`-1` is the last).
+#   `w.amin(dim=dims, keepdim=True)` takes a list of dimensions.
+# * `per_group_qparams(w, group_size, bits, symmetric)`: split the last dimension into runs of
+#   `group_size` consecutive values (`w.reshape(*w.shape[:-1], -1, group_size)`, the last dimension
+#   is a multiple of `group_size`) and take the range of each: `[..., in]` gives
+#   `[..., in // group_size]`.
+#
+# Do not use `choose_qparams`, `qcore`'s granularity classes, or torch's observers.
+
+# %% solution="ex4_granularity"
+def per_channel_qparams(w: torch.Tensor, bits: int, symmetric: bool, axis: int = 0):
+    """(scale, zero_point) of each slice along `axis`: [out, in] with axis=0 -> [out, 1]."""
+    ### BEGIN SOLUTION
+    axis = axis % w.ndim
+    dims = [d for d in range(w.ndim) if d != axis]
+    return scale_zero_point(w.amin(dim=dims, keepdim=True), w.amax(dim=dims, keepdim=True), bits, symmetric)
+    ### END SOLUTION
+
+
+def per_group_qparams(w: torch.Tensor, group_size: int, bits: int, symmetric: bool):
+    """(scale, zero_point) of each run of group_size values along the last dim: [..., in] -> [..., in // group_size]."""
+    ### BEGIN SOLUTION
+    groups = w.reshape(*w.shape[:-1], -1, group_size)  # [..., in // group_size, group_size]
+    return scale_zero_point(groups.amin(dim=-1), groups.amax(dim=-1), bits, symmetric)
+    ### END SOLUTION
+
+
+# %% tests="ex4_granularity_tests" points=3
+from qcore.checks import check_close, check_equal, check_true, exercise
+from qcore.quant import qrange
+
+
+def reference_scale_zero_point(xmin, xmax, bits, symmetric):
+    """qcore's answer to Exercise 1 (qcore.quant.qparams_from_range)."""
+    qp = qparams_from_range(xmin, xmax, bits, symmetric)
+    return qp.scale, qp.zero_point
+
+
+# These checks run your functions with qcore's answers to Exercise 1 in place of yours, so that
+# they test this exercise alone: a mistake in Exercise 1 is not counted twice.
+yours = scale_zero_point, int_grid
+scale_zero_point, int_grid = reference_scale_zero_point, qrange
+try:
+    with exercise("Exercise 4: per-channel and per-group parameters"):
+        w = torch.tensor([[0.5, -1.0, 0.25, 0.0], [10.0, 2.0, -4.0, 6.0], [0.0, 0.0, 0.0, 0.0]])
+        scale, zp = per_channel_qparams(w, 8, True, axis=0)
+        check_equal(tuple(scale.shape), (3, 1), "per-channel, axis 0 of [3, 4]: scale shape [3, 1]",
+                    hint="reduce over the other dimensions with keepdim=True")
+        check_close(scale[:2, 0], torch.tensor([1.0 / 127, 10.0 / 127]), "one scale per row: max|row| / 127",
+                    hint="axis=0 means one scale per row: the min and max run over dimension 1")
+        check_true(float(scale[2, 0]) > 0, "an all-zero row still gets a positive scale")
+        scale, zp = per_channel_qparams(w, 8, False, axis=1)
+        check_equal(tuple(scale.shape), (1, 4), "per-channel, axis 1: scale shape [1, 4]")
+        check_close(scale[0], torch.tensor([10.0, 3.0, 4.25, 6.0]) / 255,
+                    "one scale per column (asymmetric)")
+        check_equal(zp[0].to(torch.int64), torch.tensor([0, 85, 240, 0]), "...and its zero-points")
+        check_equal(tuple(per_channel_qparams(torch.ones(2, 3, 5), 4, True, axis=-1)[0].shape), (1, 1, 5),
+                    "3-D weight, axis -1: shape [1, 1, 5]",
+                    hint="axis % w.ndim turns -1 into the last dimension")
+        scale, zp = per_group_qparams(w, 2, 8, True)
+        check_equal(tuple(scale.shape), (3, 2),
+                    "groups of 2 along the last dimension of [3, 4]: shape [3, 2]",
+                    hint="w.reshape(*w.shape[:-1], -1, group_size), then reduce the last dimension")
+        check_close(scale[:2], torch.tensor([[1.0, 0.25], [10.0, 6.0]]) / 127,
+                    "each group of 2 consecutive values in a row has its own scale",
+                    hint="groups are consecutive: [0.5, -1.0] and [0.25, 0.0], not every second value")
+        scale, zp = per_group_qparams(torch.arange(12.0).reshape(1, 12) - 4, 4, 4, False)
+        check_close(scale, torch.tensor([[4 / 15, 3 / 15, 7 / 15]]),
+                    "asymmetric 4-bit groups of 4 (ranges widened to 0)")
+        check_equal(zp.to(torch.int64), torch.tensor([[15, 0, 0]]), "...and their zero-points")
+finally:
+    scale_zero_point, int_grid = yours
+### BEGIN HIDDEN TESTS
+from qcore import quant as _quant
+from qcore.checks import forbid, reference
+
+
+def _ref_scale_zero_point(xmin, xmax, bits, symmetric, _f=_quant.qparams_from_range):
+    _p = _f(xmin, xmax, bits, symmetric)
+    return _p.scale, _p.zero_point
+
+
+_saved = {_k: globals().get(_k) for _k in ("scale_zero_point", "int_grid")}
+# Exercise 1 is graded on its own: here the reference version stands in for it.
+globals().update(scale_zero_point=_ref_scale_zero_point, int_grid=_quant.qrange)
+_forbidden = ("qcore.quant.choose_qparams", "qcore.quant.PerChannel.reduce", "qcore.quant.PerGroup.reduce",
+              "qcore.quant.PerGroup.group", "qcore.calibrate.MinMaxObserver._update",
+              "torch.ao.quantization.observer.UniformQuantizationObserverBase._calculate_qparams")
+try:
+    def _check(_w, _kind, _param, _bits, _sym, _want_s, _want_z, _what):
+        with forbid(*_forbidden):
+            if _kind == "channel":
+                _s, _z = per_channel_qparams(_w.clone(), _bits, _sym, axis=_param)
+            else:
+                _s, _z = per_group_qparams(_w.clone(), _param, _bits, _sym)
+        _s, _z = torch.as_tensor(_s), torch.as_tensor(_z)
+        assert tuple(_s.shape) == tuple(_want_s.shape), \
+            f"{_what}: scale shape {tuple(_s.shape)}, expected {tuple(_want_s.shape)}"
+        assert tuple(_z.shape) == tuple(_want_s.shape), f"{_what}: zero-point shape {tuple(_z.shape)}"
+        assert torch.allclose(_s.double(), _want_s.double(), rtol=2e-6, atol=0.0), f"{_what}: scales differ"
+        assert torch.equal(_z.double(), _want_z.double()), f"{_what}: zero-points differ"
+
+    _ref = reference("lab02_calibration", "granularity")
+    for _i in range(int(_ref["n_cases"])):
+        _kind, _param = str(_ref["kind"][_i]), int(_ref["param"][_i])
+        _w = torch.from_numpy(_ref[f"w{_i}"])
+        _check(_w, _kind, _param, int(_ref["bits"][_i]), bool(_ref["symmetric"][_i]),
+               torch.from_numpy(_ref[f"scale{_i}"]), torch.from_numpy(_ref[f"zp{_i}"]),
+               f"reference case {_i} ({_kind} {_param}, shape {tuple(_w.shape)})")
+    # Random shapes (never square), axes and group sizes, against qcore computed beforehand.
+    _g = torch.Generator().manual_seed(5)
+    for _t in range(20):
+        _out, _gs = int(torch.randint(2, 12, (1,), generator=_g)), (4, 8, 16, 32)[_t % 4]
+        _in = _gs * int(torch.randint(1, 5, (1,), generator=_g))
+        _shape = (_out, _in if _in != _out else _in + _gs)
+        if _t % 5 == 4:
+            _shape = (3,) + _shape
+        _w = torch.randn(_shape, generator=_g) * torch.rand(_shape[:-1] + (1,), generator=_g) * 3 + 0.2 * (_t % 3)
+        _bits, _sym = (2, 4, 8)[_t % 3], bool(_t % 2)
+        _axis = (0, 1, -1, -2)[_t % 4] if len(_shape) == 2 else (0, 1, 2, -1)[_t % 4]
+        _qp = _quant.choose_qparams(_w, _bits, _sym, PerChannel(_axis))
+        _check(_w, "channel", _axis, _bits, _sym, _qp.scale, _qp.zero_point, f"per-channel {_shape} axis {_axis}")
+        _qp = _quant.choose_qparams(_w, _bits, _sym, PerGroup(_gs))
+        _check(_w, "group", _gs, _bits, _sym, _qp.scale, _qp.zero_point, f"per-group {_shape} group_size {_gs}")
+finally:
+    globals().update(_saved)
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ### Granularity on a real weight matrix
+#
+# The first feed-forward matrix of layer 3 of the classifier, `ffn.lin1.weight`, is `[1536, 384]`
+# (`[3072, 768]` on Colab's DistilBERT). Below, for each granularity at 4 and 8 bits (symmetric):
+# the number of scales, what they cost in FP16 next to the 4-bit weights, and the SQNR. Then one
+# weight is set to ten times the largest one, as a single corrupted or outlier weight would be,
+# and the SQNR of all the *other* weights is measured again: the outlier stretches the scale of
+# every weight that shares it. The last column is a matrix with real outliers of its own, the
+# second feed-forward matrix of layer 0.
+
+# %%
+W = layers[3].ffn.lin1.weight.detach().float().cpu().clone()
+row, col = 7, 100
+W_outlier = W.clone()
+W_outlier[row, col] = 10 * W.abs().max()
+others = torch.ones_like(W, dtype=torch.bool)
+others[row, col] = False
+W_lin2 = layers[0].ffn.lin2.weight.detach().float().cpu().clone()
+schemes = {"per-tensor": PerTensor(), "per-channel": PerChannel(0), "per-group 128": PerGroup(128),
+           "per-group 32": PerGroup(32)}
+
+
+def sqnr_at(w, bits, gran, mask=None):
+    """SQNR (dB) of w fake-quantized on the symmetric grid; over w[mask] only when a mask is given."""
+    w_hat = fake_quantize(w, choose_qparams(w, bits, symmetric=True, granularity=gran))
+    return sqnr_db(w, w_hat) if mask is None else sqnr_db(w[mask], w_hat[mask])
+
+
+print(f"{W.shape[0]} x {W.shape[1]} weights; 4-bit codes take {W.numel() // 2:,} bytes; "
+      f"one outlier {W_outlier[row, col].item():.2f} at [{row}, {col}] (max|W| = {W.abs().max().item():.3f})\n")
+print(f"{'':14}{'scales':>7}{'FP16 bytes':>11}{'+bits/w':>8}{'8-bit':>8}{'4-bit':>8}"
+      f"{'4-bit, outlier':>15}{'hit':>8}{'L0 lin2 4-bit':>14}")
+granularity_table = {}
+for name, gran in schemes.items():
+    n_scales = choose_qparams(W, 4, True, gran).scale.numel()
+    row_values = {"scales": n_scales, "scale_bytes": 2 * n_scales, "extra_bits": 16 * n_scales / W.numel(),
+                  "8-bit": sqnr_at(W, 8, gran), "4-bit": sqnr_at(W, 4, gran),
+                  "4-bit outlier": sqnr_at(W_outlier, 4, gran, others), "hit": W.numel() // n_scales,
+                  "lin2 4-bit": sqnr_at(W_lin2, 4, gran)}
+    granularity_table[name] = row_values
+    print(f"{name:14}{n_scales:7d}{2 * n_scales:11,d}{row_values['extra_bits']:8.3f}{row_values['8-bit']:8.1f}"
+          f"{row_values['4-bit']:8.1f}{row_values['4-bit outlier']:15.1f}{row_values['hit']:8,d}"
+          f"{row_values['lin2 4-bit']:14.1f}")
+print("\nSQNR in dB; 'hit': the weights that share the outlier's scale.")
+
+# %% [markdown]
+# What the table shows:
+#
+# * Per-channel scales win most of the gap at almost no cost (one scale per 384 weights, 0.04 bit
+#   per weight). Rows of a trained matrix differ in size, and one scale for all of them is set by
+#   the largest row.
+# * Smaller groups keep winning, but slowly: about 1 dB from 384 values to 128, 2 dB from 128 to
+#   32, for 4 times the scales each step. Groups of 32 cost half a bit per weight, an eighth of the
+#   4-bit budget.
+# * One outlier ruins per-tensor quantization: the step becomes so large that nearly every other
+#   weight rounds to 0 and the SQNR of the others falls to about 0 dB. With per-channel scales the
+#   damage stays in one row, with groups in one group, and the SQNR of the others barely moves.
+# * Layer 0's `ffn.lin2` needs no injected outlier: its largest weight is about 40 times the
+#   typical row maximum, and per-tensor 4-bit quantization keeps almost nothing of it.
+#
+# ## 4. Calibration: choosing the range of activations
+#
+# Weights are known ahead of time; activations are not. A static quantizer fixes the activations'
+# scale in advance, from a **calibration set**: a few dozen to a few hundred typical inputs run
+# through the model while observers record the values. Min-max takes the extremes seen. But
+# activations have long tails, and a range wide enough for the rarest value makes the step coarse
+# for all the others. Clipping the range at a threshold `T` trades two errors: values beyond `T`
+# are clipped (large error, few values), values inside are rounded more finely (small error, most
+# values).
+#
+# Here are real activations: the inputs of layer 2's `ffn.lin1` (the output of the attention
+# block's LayerNorm), captured with a forward hook on calibration sentences. A forward hook is a
+# function that PyTorch calls after a module's forward with `(module, inputs, output)`; it reads the
+# values without changing the model. Padding tokens are dropped with the attention mask.
+
+# %%
+N_SENTENCES = 8 if under_grader() else 32  # fewer under the grader: nothing graded depends on them
+sentences = load_sentences()
+calibration_texts = sentences.train.texts[:N_SENTENCES]
+held_out_texts = sentences.validation.texts[:N_SENTENCES]
+target = layers[2].ffn.lin1
+
+
+def capture_inputs(module: torch.nn.Module, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of `module` on the real (non-padding) tokens of `texts`: values [tokens, features]
+    and each token's position in its sentence [tokens] (0 is the [CLS] token)."""
+    seen = []
+    handle = module.register_forward_hook(lambda mod, inputs, output: seen.append(inputs[0].detach()))
+    try:
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    finally:
+        handle.remove()  # a hook left behind would keep recording
+    real = enc["attention_mask"].bool()
+    positions = torch.arange(real.shape[1], device=real.device).expand_as(real)
+    return seen[0][real].float().cpu(), positions[real].cpu()
+
+
+calibration, positions = capture_inputs(target, calibration_texts)
+held_out, _ = capture_inputs(target, held_out_texts)
+a = calibration.abs().flatten()
+print(f"calibration: {len(calibration_texts)} sentences, {calibration.shape[0]} tokens x {calibration.shape[1]} "
+      f"features = {calibration.numel():,} values")
+print(f"range [{calibration.min().item():.2f}, {calibration.max().item():.2f}]; |x|: median "
+      f"{a.median().item():.3f}, 99th percentile {torch.quantile(a, 0.99).item():.2f}, max {a.max().item():.2f}")
+power = calibration.pow(2).sum(0)  # signal power of each feature
+top = power.argsort(descending=True)[:3]
+print(f"features {top.tolist()} (of {calibration.shape[1]}): mean |x| "
+      f"{[round(v, 2) for v in calibration[:, top].abs().mean(0).tolist()]}, "
+      f"{(power[top].sum() / power.sum()).item():.0%} of the signal power")
+huge = calibration.abs() > calibration.abs().max() / 2
+print(f"{int(huge.sum())} values above max|x| / 2: feature(s) {sorted(set(huge.nonzero()[:, 1].tolist()))} "
+      f"at position(s) {sorted(set(positions[huge.any(1)].tolist()))} of their sentences")
+
+# %% [markdown]
+# The largest values are more than ten times the 99th percentile, and they are not random noise: a
+# few features are large on nearly every token and carry a big share of the signal power (such
+# *outlier features* are well documented in BERT-like models and LLMs; LLM.int8 and SmoothQuant are
+# built around them). Above them all, one value per sentence: a single feature of the first
+# token, `[CLS]` (position 0). Min-max calibration sizes the grid for these; clipping them loses
+# signal. Which way to lean depends on the bit width.
+#
+# ### Exercise 5: clipping thresholds (3 points)
+#
+# Two ways to choose a symmetric threshold `T` (the range `[-T, T]`) from calibration data `x`:
+#
+# * `percentile_threshold(x, percentile)`: the `percentile`-th percentile of `|x|`, interpolating
+#   linearly between sorted values (NumPy's default). Sort `a = |x|` flattened (`n` values,
+#   ascending), then with `pos = (n - 1) * percentile / 100`, `lo = floor(pos)`,
+#   `hi = min(lo + 1, n - 1)`:
+#
+#       T = a[lo] + (pos - lo) * (a[hi] - a[lo])
+#
+#   So `percentile=100` gives `max|x|` (min-max) and `percentile=50` the median. Use `torch.sort`;
+#   no `torch.quantile`, no `numpy.percentile`.
+# * `mse_threshold(x, bits, num_candidates)`: try `T_k = max|x| * k / num_candidates` for
+#   `k = 1, ..., num_candidates`; quantize and dequantize `x` on the symmetric `bits` grid with the
+#   scale that `T_k` gives, and return the `T_k` with the smallest MSE (the first one on a tie). If
+#   `max|x|` is 0, return 0.0. Write the quantization in one line here (rather than calling your
+#   earlier functions), so that this exercise stands on its own: with `qmax = 2**(bits-1) - 1` and
+#   `scale = max(T_k / qmax, EPS)`,
+#
+#       x_hat = clamp(round(x / scale), -qmax, qmax) * scale,      MSE = mean((x - x_hat)**2)
+#
+# Return Python floats.
+
+# %% solution="ex5_clipping"
+def percentile_threshold(x: torch.Tensor, percentile: float) -> float:
+    """The percentile-th percentile of |x| (linear interpolation between sorted values)."""
+    ### BEGIN SOLUTION
+    a = torch.sort(x.detach().abs().flatten().double()).values
+    pos = (a.numel() - 1) * percentile / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, a.numel() - 1)
+    return float(a[lo] + (pos - lo) * (a[hi] - a[lo]))
+    ### END SOLUTION
+
+
+def mse_threshold(x: torch.Tensor, bits: int, num_candidates: int = 100) -> float:
+    """The threshold T_k = max|x| * k / num_candidates whose symmetric grid gives the least MSE."""
+    ### BEGIN SOLUTION
+    x = x.detach().flatten().float()
+    amax = x.abs().max().item()
+    if amax == 0.0:
+        return 0.0
+    qmax = 2 ** (bits - 1) - 1
+    best_t, best_mse = amax, math.inf
+    for k in range(1, num_candidates + 1):
+        t = amax * k / num_candidates
+        scale = max(t / qmax, EPS)
+        x_hat = torch.clamp(torch.round(x / scale), -qmax, qmax) * scale
+        err = torch.mean((x.double() - x_hat.double()) ** 2).item()
+        if err < best_mse:  # strictly smaller: the first candidate wins a tie
+            best_t, best_mse = t, err
+    return best_t
+    ### END SOLUTION
+
+
+# %% tests="ex5_clipping_tests" points=3
+from qcore.checks import check_close, check_equal, check_true, exercise
+
+with exercise("Exercise 5: clipping thresholds"):
+    x = torch.tensor([-4.0, 1.0, -2.0, 3.0, 0.0])  # |x| sorted: 0, 1, 2, 3, 4
+    check_close(percentile_threshold(x, 50), 2.0, "median of |x| = 2", hint="sort |x|, not x")
+    check_close(percentile_threshold(x, 100), 4.0, "100th percentile = max|x| (min-max)")
+    check_close(percentile_threshold(x, 0), 0.0, "0th percentile = min|x|")
+    check_close(percentile_threshold(x, 90), 3.6, "90th: pos = 4 * 0.9 = 3.6, between 3 and 4",
+                hint="pos = (n - 1) * percentile / 100, then interpolate between a[lo] and a[lo + 1]")
+    check_close(percentile_threshold(x.reshape(5, 1), 62.5), 2.5, "any shape: flatten first")
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(300, 20, generator=g)
+    check_close(percentile_threshold(y, 99.9), float(np.percentile(y.abs().numpy(), 99.9)), "agrees with np.percentile",
+                rtol=1e-5)
+    check_close(mse_threshold(torch.tensor([-1.0, 0.5, 1.0]), 8), 1.0,
+                "no outlier: the MSE search keeps T = max|x|", hint="the candidates go up to k = num_candidates")
+    z = torch.cat([torch.linspace(-1, 1, 10001), torch.tensor([10.0])])
+    t = mse_threshold(z, 4, 100)
+    check_close(t, 1.0, "one outlier at 4 bits: T = 1.0 clips it", hint="return T_k, not k or the MSE")
+    check_true(mse_threshold(z, 8, 100) > t, "more bits, finer steps: the best T grows")
+    check_equal(mse_threshold(torch.zeros(5), 4), 0.0, "all zeros: T = 0")
+### BEGIN HIDDEN TESTS
+from qcore import quant as _quant
+from qcore.checks import forbid, reference
+
+
+def _ref_scale_zero_point(xmin, xmax, bits, symmetric, _f=_quant.qparams_from_range):
+    _p = _f(xmin, xmax, bits, symmetric)
+    return _p.scale, _p.zero_point
+
+
+def _ref_quantize(x, scale, zero_point, qmin, qmax):
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax).to(torch.int32)
+
+
+def _ref_dequantize(q, scale, zero_point):
+    return (q.to(torch.float32) - zero_point) * scale
+
+
+def _ref_mse(x, x_hat):
+    return torch.mean((x.double() - x_hat.double()) ** 2).item()
+
+
+_saved = {_k: globals().get(_k) for _k in ("scale_zero_point", "int_grid", "quantize_affine",
+                                           "dequantize_affine", "quant_mse", "quant_sqnr_db")}
+# Exercises 1 to 3 are graded on their own: here reference versions stand in for them.
+globals().update(scale_zero_point=_ref_scale_zero_point, int_grid=_quant.qrange, quantize_affine=_ref_quantize,
+                 dequantize_affine=_ref_dequantize, quant_mse=_ref_mse, quant_sqnr_db=_quant.sqnr_db)
+_forbidden = ("qcore.calibrate.PercentileObserver._range", "qcore.calibrate.MSEObserver._range",
+              "qcore.calibrate.MSEObserver.estimate_mse", "qcore.calibrate._Histogram.quantile",
+              "torch.quantile", "torch.Tensor.quantile", "torch.nanquantile", "torch.Tensor.nanquantile",
+              "numpy.percentile", "numpy.quantile", "numpy.nanpercentile", "numpy.nanquantile")
+try:
+    _ref = reference("lab02_calibration", "clipping")
+    for _i in range(int(_ref["n_data"])):
+        _x = torch.from_numpy(_ref[f"x{_i}"])
+        for _p, _want in zip(_ref["percentiles"].tolist(), _ref[f"pct{_i}"].tolist()):
+            with forbid(*_forbidden):
+                _got = float(percentile_threshold(_x.clone(), _p))
+            assert math.isclose(_got, _want, rel_tol=2e-6, abs_tol=1e-12), \
+                f"data {_i} (shape {tuple(_x.shape)}): percentile {_p} of |x| is {_want}, got {_got}"
+    for _j in range(len(_ref["mse_data"])):
+        _x = torch.from_numpy(_ref[f"x{int(_ref['mse_data'][_j])}"])
+        _bits, _n = int(_ref["mse_bits"][_j]), int(_ref["mse_n"][_j])
+        with forbid(*_forbidden):
+            _got = float(mse_threshold(_x.clone(), _bits, _n))
+        _amax = float(_x.abs().max())
+        _cands = _amax * np.arange(1, _n + 1) / _n
+        _k = int(np.abs(_cands - _got).argmin())
+        _what = f"data {int(_ref['mse_data'][_j])}, {_bits} bits, {_n} candidates"
+        assert abs(_cands[_k] - _got) <= 1e-6 * _amax, f"{_what}: {_got} is not one of the candidates max|x| * k / n"
+        _table = _ref[f"mse_table{_j}"]
+        assert _table[_k] <= _table.min() * (1 + 1e-5) + 1e-30, \
+            f"{_what}: T = {_got} has MSE {_table[_k]:.4g}; T = {_cands[int(_table.argmin())]} has {_table.min():.4g}"
+finally:
+    globals().update(_saved)
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ### Four calibrations of the same activations
+#
+# `qcore.calibrate` has an observer for each method; each only chooses the range, and
+# `qparams()` then applies the formulas of Exercise 1.
+#
+# * **min-max**: `T = max|x|`.
+# * **percentile**: `T` = the 99.99th percentile of `|x|` (from a histogram, so within a bin width).
+# * **MSE**: the `T` with the smallest quantization MSE on the calibration data (your Exercise 5,
+#   on a histogram and with a finer search).
+# * **entropy (KL)**: TensorRT's method. It compares the histogram of `|x|` with its quantized
+#   version and picks the `T` that loses the least information (smallest KL divergence).
+#
+# Each threshold is fitted on the calibration sentences and judged on other, held-out sentences:
+# a threshold that only suits the calibration data would show it there.
+
+# %%
+methods = {"min-max": lambda b: MinMaxObserver(bits=b, symmetric=True),
+           "percentile 99.99": lambda b: PercentileObserver(99.99, bits=b, symmetric=True),
+           "MSE": lambda b: MSEObserver(bits=b, symmetric=True),
+           "entropy (KL)": lambda b: EntropyObserver(bits=b, symmetric=True)}
+thresholds, calibration_table = {}, {}
+print(f"{'':18}{'bits':>5}{'T':>9}{'clipped':>10}{'MSE':>12}{'SQNR dB':>9}   (MSE, SQNR on held-out sentences)")
+for bits in (8, 4):
+    for name, make_observer in methods.items():
+        observer = make_observer(bits)
+        observer(calibration)
+        qp = observer.qparams()
+        t = observer.clip_range()[1].item()
+        thresholds[name, bits] = t
+        out = fake_quantize(held_out, qp)
+        clipped = (held_out.abs() > t).float().mean().item()
+        err = (held_out - out).pow(2).mean().item()
+        calibration_table[name, bits] = {"T": t, "clipped": clipped, "MSE": err, "SQNR": sqnr_db(held_out, out)}
+        print(f"{name:18}{bits:5d}{t:9.3f}{clipped:10.4%}{err:12.3e}{sqnr_db(held_out, out):9.2f}")
+
+fig, ax = plt.subplots(figsize=(12, 4.5))
+ax.hist(calibration.abs().flatten().numpy(), bins=300, color="0.6", log=True)
+colours = {"min-max": "tab:red", "percentile 99.99": "tab:orange", "MSE": "tab:blue", "entropy (KL)": "tab:green"}
+for (name, bits), t in thresholds.items():
+    ax.axvline(t, color=colours[name], ls="-" if bits == 8 else "--", lw=1.5, label=f"{name}, {bits}-bit: T = {t:.2f}")
+ax.set(xlabel="|activation| (inputs of layer 2 ffn.lin1)", ylabel="count (log scale)",
+       title=f"{calibration.numel():,} calibration values and the thresholds T (solid 8-bit, dashed 4-bit)")
+ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The histogram of `|x|` is drawn on a log scale: almost all values sit below 3, a thin tail
+# reaches past 10, and the `[CLS]` values stand alone near the maximum. What the table shows:
+#
+# * **At 8 bits** min-max is hard to beat: the MSE search clips only the very top and gains a
+#   fraction of a dB. A threshold near 12 (entropy calibration, which matches the *shape* of the
+#   histogram and treats the tail as noise) clips the outlier features and loses about 8 dB: the
+#   values it clips are few, but they carry much of the signal.
+# * **At 4 bits** (15 codes) min-max leaves almost nothing of the typical values: the step is
+#   `max|x| / 7`, about 4 here, and nearly every value rounds to 0. Clipping deep into the tail (MSE, entropy) wins
+#   4 to 5 dB although it clips a few values in every thousand.
+# * The 99.99th percentile leaves 1 value in 10,000 above `T`. With 32 sentences that is about 30
+#   values, fewer than the outlier features hold, so `T` stays near the maximum; with a smaller
+#   calibration set it can drop to the level of the main outlier feature and clip it. A percentile
+#   must be chosen by hand, and what it clips changes with the data.
+# * The MSE threshold minimises the error it is judged by, and it holds up on the held-out
+#   sentences. But even the best single threshold leaves at most about 22 dB here, while
+#   the weights reach 35 to 45 dB at 8 bits: one scale for all 384 features, when a few of them
+#   are much larger, is the real problem. Lab 3 fixes it with finer granularity and SmoothQuant,
+#   and measures what each choice does to the classifier's accuracy.
+#
+# ## 5. Two 4-bit codes in one byte
+#
+# Memory holds bytes, not nibbles. A 4-bit model stores two codes per byte: the first code in the
+# **high** nibble (bits 7 to 4), the second in the low nibble (bits 3 to 0), as bitsandbytes
+# does. Codes 1, 2 and 15 pack to the bytes `0x12` and `0xF0`; an odd count leaves the last low
+# nibble 0. Signed codes (the symmetric grid `[-7, 7]`) are shifted by `-qmin = 7` into `[0, 14]`
+# before packing.
+#
+# ### Exercise 6: packing (2 points)
+#
+# * `pack_4bit(codes)`: codes of any shape with `n` values in `[0, 15]`; flatten, pad with one 0 when
+#   `n` is odd, and return `ceil(n / 2)` bytes as `torch.uint8`, with
+#   `byte = (first << 4) | second`.
+# * `unpack_4bit(packed, shape)`: the inverse: `high = byte >> 4`, `low = byte & 0x0F`, interleaved
+#   (high first), the padding dropped, reshaped to `shape`, as `torch.uint8`.
+#
+# Shift in a wide integer type (`.to(torch.int64)`) and convert at the end. No `qcore.quant`
+# packing functions.
+
+# %% solution="ex6_pack"
+def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
+    """n codes in [0, 15] (any shape) -> uint8 [ceil(n / 2)], the first code of each pair in the high nibble."""
+    ### BEGIN SOLUTION
+    flat = codes.flatten().to(torch.int64)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])  # an odd count: the last low nibble is 0
+    pairs = flat.reshape(-1, 2)
+    return ((pairs[:, 0] << 4) | pairs[:, 1]).to(torch.uint8)
+    ### END SOLUTION
+
+
+def unpack_4bit(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of pack_4bit: uint8 codes of the given shape."""
+    ### BEGIN SOLUTION
+    b = packed.to(torch.int64)
+    codes = torch.stack([b >> 4, b & 0x0F], dim=1).flatten()  # high nibble first
+    return codes[: math.prod(shape)].reshape(shape).to(torch.uint8)
+    ### END SOLUTION
+
+
+# %% tests="ex6_pack_tests" points=2
+from qcore.checks import check_equal, exercise
+
+with exercise("Exercise 6: packing"):
+    packed = pack_4bit(torch.tensor([1, 2, 15]))
+    check_equal(packed.dtype, torch.uint8, "bytes are uint8", hint="convert with .to(torch.uint8) at the end")
+    check_equal(packed.tolist(), [0x12, 0xF0], "[1, 2, 15] -> 0x12, 0xF0",
+                hint="the first code goes in the high nibble: (first << 4) | second; pad an odd count with 0")
+    check_equal(pack_4bit(torch.tensor([[7, 8], [0, 15]])).tolist(), [0x78, 0x0F],
+                "a 2-D tensor is flattened row by row")
+    check_equal(pack_4bit(torch.tensor([15, 15])).tolist(), [255], "15, 15 -> 255 (no overflow)",
+                hint="shift in int64, not int8")
+    check_equal(unpack_4bit(torch.tensor([0x12, 0xF0], dtype=torch.uint8), (3,)).tolist(), [1, 2, 15],
+                "0x12, 0xF0 -> [1, 2, 15]: the padding is dropped",
+                hint="high nibble first: byte >> 4, then byte & 0x0F")
+    codes = torch.randint(0, 16, (5, 7), generator=torch.Generator().manual_seed(0))
+    back = unpack_4bit(pack_4bit(codes), (5, 7))
+    check_equal(back.to(torch.int64), codes, "round trip of a [5, 7] tensor")
+### BEGIN HIDDEN TESTS
+from qcore import quant as _quant
+from qcore.checks import forbid, reference
+
+_forbidden = ("qcore.quant.pack", "qcore.quant.unpack", "qcore.quant.pack_int4", "qcore.quant.unpack_int4",
+              "qcore.quant.pack_int2", "qcore.quant.unpack_int2")
+
+
+def _check(_codes, _want, _what):
+    _shape = tuple(_codes.shape)
+    with forbid(*_forbidden):
+        _got = pack_4bit(_codes.clone())
+        _back = unpack_4bit(_want.clone(), _shape)
+    assert isinstance(_got, torch.Tensor) and _got.dtype == torch.uint8, f"{_what}: pack_4bit must return uint8"
+    assert tuple(_got.shape) == ((_codes.numel() + 1) // 2,), f"{_what}: {tuple(_got.shape)} bytes"
+    assert torch.equal(_got, _want), f"{_what}: packed bytes differ"
+    assert isinstance(_back, torch.Tensor) and tuple(_back.shape) == _shape, f"{_what}: unpacked shape"
+    assert torch.equal(_back.to(torch.int64), _codes.to(torch.int64)), f"{_what}: unpacked codes differ"
+
+
+_ref = reference("lab02_calibration", "pack")
+for _i in range(int(_ref["n_cases"])):
+    _codes = torch.from_numpy(_ref[f"codes{_i}"])
+    for _dtype in (torch.uint8, torch.int64):
+        _check(_codes.to(_dtype), torch.from_numpy(_ref[f"packed{_i}"]), f"reference case {_i} ({_dtype})")
+_g = torch.Generator().manual_seed(9)
+for _t in range(30):
+    _shape = tuple(torch.randint(1, 8, (int(torch.randint(1, 4, (1,), generator=_g)),), generator=_g).tolist())
+    _codes = torch.randint(0, 16, _shape, generator=_g)
+    _check(_codes, _quant.pack_int4(_codes), f"random codes of shape {_shape}")
+### END HIDDEN TESTS
+
+# %% [markdown]
+# ### What 4 bits cost, for real
+#
+# The layer 3 `ffn.lin1` matrix at 4 bits with a scale per group of 64: the codes packed by
+# `qcore.quant.pack_int4` (the same layout as your function), the FP16 scales, and the
+# arithmetic `n * bits / 8 + ceil(n / group_size) * 2` bytes.
+
+# %%
+group_size = 64
+qp = choose_qparams(W, bits=4, symmetric=True, granularity=PerGroup(group_size))
+codes = quantize(W, qp).to(torch.int64) - qp.qmin  # [-7, 7] -> [0, 14]
+packed = pack_int4(codes)
+restored = unpack_int4(packed, W.shape).to(torch.int64) + qp.qmin
+assert torch.equal(restored, codes + qp.qmin)  # packing loses nothing
+n = W.numel()
+sizes = {"FP32": 4 * n, "FP16": 2 * n, "INT8 + FP32 scale per row": n + 4 * W.shape[0],
+         "4-bit codes (packed)": packed.numel(),
+         f"4-bit + FP16 scale per {group_size}": packed.numel() + 2 * qp.scale.numel()}
+assert sizes[f"4-bit + FP16 scale per {group_size}"] == n * 4 // 8 + math.ceil(n / group_size) * 2
+for name, size in sizes.items():
+    print(f"{name:28}{size:>12,d} bytes  {4 * n / size:5.2f}x smaller than FP32")
+print(f"\nSQNR of the 4-bit weights: {sqnr_db(W, dequantize(restored.to(torch.int8), qp)):.1f} dB; "
+      f"{qp.scale.numel():,} scales of shape {tuple(qp.scale.shape)}")
+
+# %% [markdown]
+# ## Summary
+#
+# * Scale and zero-point map a float range onto `2**bits` codes. Asymmetric:
+#   `scale = (xmax - xmin) / (2**bits - 1)`, `zero_point = -round(xmin / scale)`, with the range
+#   widened to contain 0 so that 0.0 is exact. Symmetric: `scale = max|x| / (2**(bits-1) - 1)`,
+#   zero-point 0, on the restricted grid without -128. A zero-width range gets the scale `EPS`.
+# * `q = clamp(round(x / scale) + zero_point, qmin, qmax)`, rounding half to even. The error is at
+#   most half a step inside the range and unbounded outside; each bit buys about 6 dB of SQNR.
+# * Granularity trades scale storage for error: per-channel scales are nearly free and contain an
+#   outlier to one row; groups of 32 to 128 are the norm at 4 bits (0.125 to 0.5 bit per weight).
+# * Calibration chooses the range of activations from sample inputs. Clipping the long tail
+#   (percentile, MSE, entropy) beats min-max, most of all at low bit widths.
+# * Two 4-bit codes share a byte, the first in the high nibble: a 4-bit matrix with FP16 group
+#   scales is about 7 times smaller than in FP32.
