@@ -123,6 +123,29 @@ def _sandbox_env(work: Path, lab: str, student: str, course_root: Path, limits: 
     return env
 
 
+def sanitize(nb, source) -> list[str]:
+    """Undo what would confuse nbgrader rather than earn points: a graded or locked cell pasted
+    twice (the copy goes), nbgrader metadata on cells the lab does not have (dropped), and the
+    kernel (always the lab's). nbgrader then restores every locked cell from the source."""
+    known = {c.metadata["nbgrader"]["grade_id"] for c in source.cells if "nbgrader" in c.metadata}
+    seen, kept, notes = set(), [], []
+    for cell in nb.cells:
+        meta = cell.get("metadata", {}).get("nbgrader")
+        gid = meta.get("grade_id") if isinstance(meta, dict) else None
+        if meta is not None and gid not in known:
+            cell.metadata.pop("nbgrader")
+            notes.append("grading metadata on an unknown cell was removed")
+        elif gid is not None and gid in seen:
+            notes.append(f"a duplicate of {gid} was removed")
+            continue
+        if gid is not None:
+            seen.add(gid)
+        kept.append(cell)
+    nb.cells = kept
+    nb.metadata["kernelspec"] = source.metadata.get("kernelspec", {})
+    return list(dict.fromkeys(notes))
+
+
 CRASHED_CELL = ('raise RuntimeError("qcourse: this cell stopped the kernel (a crash, an exit or running '
                 'out of memory) and was skipped so the rest could be graded")\n')
 
@@ -167,10 +190,12 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
     shutil.copytree(template, work, dirs_exist_ok=True)
     target = work / "submitted" / student / lab / f"{lab}.ipynb"
     target.parent.mkdir(parents=True, exist_ok=True)
+    source = nbformat.read(template / "source" / lab / f"{lab}.ipynb", as_version=4)
+    notes_in = sanitize(nb, source)
     target.write_text(nbformat.writes(nb), encoding="utf-8")
     cgroup = f"qcourse-{os.getpid()}-{student}"[:60]
     env = _sandbox_env(work, lab, student, course_root, limits, cgroup)
-    notes = []
+    notes = list(notes_in)
     try:
         for _ in range(attempts):
             left = timeout - (time.time() - start)
@@ -195,10 +220,28 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
         scores = _read_scores(work, lab, student)
         outcome.exercises = {k: scores.get(k, 0.0) for k in max_points}
         outcome.score = sum(outcome.exercises.values())
-        outcome.message = "; ".join(notes)
+        outcome.message = "; ".join(notes + _flags(work / "autograded" / student / lab / f"{lab}.ipynb"))
         _run(["nbgrader", "generate_feedback", lab, "--student", student, "--force"], work, 300)
     outcome.seconds = round(time.time() - start, 2)
     return outcome
+
+
+FLAGGED_ERRORS = {"TamperingDetected": "tampering with the checks", "Forbidden": "called a forbidden library function",
+                  "CellTimeoutError": "a cell ran past the time limit"}
+
+
+def _flags(autograded: Path) -> list[str]:
+    """What the report should say about a graded notebook: tampering, forbidden calls, timeouts."""
+    if not autograded.is_file():
+        return []
+    found = []
+    for cell in nbformat.read(autograded, as_version=4).cells:
+        for out in cell.get("outputs", []):
+            reason = FLAGGED_ERRORS.get(out.get("ename", ""))
+            if out.get("output_type") == "error" and reason:
+                grade_id = cell.metadata.get("nbgrader", {}).get("grade_id", "a free cell")
+                found.append(f"{reason} ({grade_id})")
+    return list(dict.fromkeys(found))
 
 
 def _nbgrader_log(work: Path) -> str:

@@ -1,0 +1,144 @@
+"""Hostile submissions, built from the real lab 1 solution: each breaks one rule on purpose.
+
+``build(dest, course_root)`` writes ``<case>.ipynb`` files into ``dest`` and returns
+``{case: Expect}``: the score it must get (what its honest parts earn) and a word the report
+must contain. Paths the attacks aim at are filled in for the course being graded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nbformat
+
+LAB = "lab01_precision_formats"
+FULL = 10.0
+
+
+@dataclass(frozen=True)
+class Expect:
+    score: float | None           # None: only `status` is checked
+    status: str = "graded"
+    report: str = ""              # a phrase the outcome's message must contain
+    zero: tuple[str, ...] = ()    # exercises that must score 0
+    what: str = ""                # one line for the docs table
+
+
+def _free(source: str) -> nbformat.NotebookNode:
+    return nbformat.v4.new_code_cell(source)
+
+
+def _insert_after(nb, cell_id: str, cell) -> None:
+    index = next(i for i, c in enumerate(nb.cells) if c.get("id") == cell_id)
+    nb.cells.insert(index + 1, cell)
+
+
+def _set(nb, cell_id: str, source: str) -> None:
+    next(c for c in nb.cells if c.get("id") == cell_id).source = source
+
+
+def _probe(paths: list[str], action: str, report: bool = True) -> str:
+    """A cell that tries ``action`` on each path; with ``report``, it prints a marker when that works
+    (writes are judged from outside instead: a write into the box's private /tmp succeeds, harmlessly)."""
+    mark = "        print('BREACH', p)\n" if report else ""
+    return (f"import os, shutil\nfor p in {paths!r}:\n    try:\n        {action}\n"
+            f"{mark}    except Exception:\n        pass\n")
+
+
+def build(dest: Path, course_root: Path, solution: nbformat.NotebookNode, repo: Path) -> dict[str, Expect]:
+    dest.mkdir(parents=True, exist_ok=True)
+    cases: dict[str, tuple[nbformat.NotebookNode, Expect]] = {}
+
+    def case(name, expect, edit=None, raw: str | None = None):
+        nb = nbformat.from_dict(solution)
+        if edit:
+            edit(nb)
+        cases[name] = (raw if raw is not None else nb, expect)
+
+    secrets = [str(course_root / "masters" / f"{LAB}.py"), str(course_root / "reference" / LAB / "split_bits.npz"),
+               str(course_root / "gradebook.db"), str(repo / "course" / "masters" / f"{LAB}.py"),
+               str(course_root / "submitted" / "alice" / LAB / f"{LAB}.ipynb"), "/etc/shadow", "/root/.ssh/id_rsa"]
+    targets = [str(course_root / "gradebook.db"), str(course_root / "submitted" / "alice" / LAB / f"{LAB}.ipynb"),
+               str(repo / "README.md"), str(repo / "qcore" / "checks.py")]
+
+    case("infinite_loop", Expect(FULL, report="time limit", what="`while True: pass` in a free cell"),
+         lambda nb: _insert_after(nb, "setup", _free("while True:\n    pass\n")))
+    case("allocate_50gb", Expect(FULL, what="allocates and fills 50 GB"),
+         lambda nb: _insert_after(nb, "setup", _free("import torch\nx = torch.empty(50 * 2**30, dtype=torch.uint8)\nx.fill_(1)\n")))
+    case("os_exit", Expect(FULL, report="stopped the kernel", what="`os._exit(1)` kills the kernel"),
+         lambda nb: _insert_after(nb, "setup", _free("import os\nos._exit(1)\n")))
+    case("sys_exit", Expect(FULL, what="`sys.exit(3)`"),
+         lambda nb: _insert_after(nb, "setup", _free("import sys\nsys.exit(3)\n")))
+    case("fork_bomb", Expect(FULL, what="processes that fork without end"),
+         lambda nb: _insert_after(nb, "setup", _free(
+             "import os\ndef bomb():\n    while True:\n        if os.fork() == 0:\n            try:\n"
+             "                bomb()\n            finally:\n                os._exit(0)\nbomb()\n")))
+    case("output_100mb", Expect(FULL, what="prints 100 MB"),
+         lambda nb: _insert_after(nb, "setup", _free("print('x' * (100 * 2**20))\n")))
+    case("stderr_flood", Expect(FULL, what="100k lines to stderr in a free cell"),
+         lambda nb: _insert_after(nb, "setup", _free("import sys\nfor i in range(100_000):\n    sys.stderr.write('junk\\n')\n")))
+    case("stderr_in_graded_function", Expect(FULL - 1, zero=("ex5_model_bytes_tests",),
+                                              what="the graded function writes to stderr"),
+         lambda nb: _set(nb, "ex5_model_bytes",
+                         "import sys, math\ndef model_bytes(n_params, bits, group_size=None, scale_bits=16):\n"
+                         "    sys.stderr.write('debug\\n')\n    extra = 0 if group_size is None else math.ceil(n_params / group_size) * scale_bits\n"
+                         "    return (n_params * bits + extra) / 8\n"))
+    case("read_secrets", Expect(FULL, what="reads masters, references, gradebook, others' work, system secrets"),
+         lambda nb: _insert_after(nb, "setup", _free(_probe(secrets, "open(p, 'rb').read(16)"))))
+    case("write_gradebook", Expect(FULL, what="overwrites and deletes the gradebook, another student's work, the code"),
+         lambda nb: _insert_after(nb, "setup", _free(
+             _probe(targets, "open(p, 'ab').write(b'x')", False) + _probe(targets, "os.remove(p)", False))))
+    case("network", Expect(FULL, what="opens sockets to the internet and to the host's loopback"),
+         lambda nb: _insert_after(nb, "setup", _free(
+             "import socket\nfor host, port in [('pypi.org', 443), ('1.1.1.1', 53), ('8.8.8.8', 443), ('127.0.0.1', 22)]:\n"
+             "    try:\n        socket.create_connection((host, port), timeout=2).close()\n        print('BREACH', host)\n"
+             "    except OSError:\n        pass\n")))
+    case("deleted_test_cell", Expect(None, zero=("ex1_split_bits_tests",), what="deletes a locked test cell"),
+         lambda nb: nb.cells.remove(next(c for c in nb.cells if c.get("id") == "ex1_split_bits_tests")))
+
+    def duplicate(nb):
+        cell = next(c for c in nb.cells if c.get("id") == "ex2_fields_to_value_tests")
+        _insert_after(nb, "ex2_fields_to_value_tests", nbformat.from_dict(cell))
+    case("duplicated_test_cell", Expect(FULL, report="duplicate", what="duplicates a test cell (no extra credit)"),
+         duplicate)
+
+    def reorder(nb):
+        i = next(i for i, c in enumerate(nb.cells) if c.get("id") == "ex3_format_limits_tests")
+        cell = nb.cells.pop(i)
+        j = next(i for i, c in enumerate(nb.cells) if c.get("id") == "ex3_format_limits")
+        nb.cells.insert(j, cell)
+    case("reordered_cells", Expect(FULL - 2, zero=("ex3_format_limits_tests",), what="moves a test cell above its solution"),
+         reorder)
+
+    def edit_locked(nb):
+        _set(nb, "ex4_round_to_bf16", "def round_to_bf16(x):\n    return x.clone()\n")
+        _set(nb, "ex4_round_to_bf16_tests", "print('all good')\n")
+    case("edited_test_cell", Expect(FULL - 3, zero=("ex4_round_to_bf16_tests",),
+                                    what="wrong answer plus a test cell edited to pass"), edit_locked)
+
+    def patch_checks(nb):
+        _set(nb, "ex1_split_bits", "import torch\ndef split_bits(x):\n    z = torch.zeros(x.shape, dtype=torch.int64)\n"
+                                   "    return z, z, z\n")
+        _insert_after(nb, "ex1_split_bits", _free(
+            "import qcore.checks as qc, torch, numpy.testing\nok = lambda *a, **k: None\n"
+            "qc.check_equal = qc.check_close = qc.check_true = ok\ncheck_equal = check_close = check_true = ok\n"
+            "torch.equal = torch.allclose = lambda *a, **k: True\nnumpy.testing.assert_array_equal = ok\n"))
+    case("monkeypatched_checks", Expect(None, report="tampering", zero=("ex1_split_bits_tests",),
+                                        what="wrong answer plus checks, torch.equal/allclose and numpy.testing patched to pass"),
+         patch_checks)
+    case("not_json", Expect(0.0, status="invalid", report="not a readable notebook", what="a file that is not JSON"),
+         raw="{ this is not a notebook")
+
+    def evil_kernel(nb):
+        nb.metadata["kernelspec"] = {"name": "evil-kernel", "display_name": "evil", "language": "python"}
+    case("unknown_kernel", Expect(FULL, what="names a kernel that does not exist"), evil_kernel)
+
+    out = {}
+    for name, (nb, expect) in cases.items():
+        path = dest / f"{name}.ipynb"
+        if isinstance(nb, str):
+            path.write_text(nb)
+        else:
+            nbformat.write(nb, path)
+        out[name] = expect
+    return out

@@ -1,0 +1,141 @@
+"""A class with hostile submissions: everyone's grade stays honest, nothing leaks or changes."""
+import hashlib
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from qcore.course import build as build_mod
+from qcore.course.autograde import autograde
+from qcore.course.master import find_masters, load_master
+from qcore.course.submissions import collect
+
+LAB = "lab01_precision_formats"
+HERE = Path(__file__).parent
+spec = importlib.util.spec_from_file_location("hostile_cases", HERE / "hostile" / "cases.py")
+cases = importlib.util.module_from_spec(spec)
+sys.modules["hostile_cases"] = cases  # dataclasses look their module up there
+spec.loader.exec_module(cases)
+
+pytestmark = pytest.mark.slow
+TEST_LIMITS = """
+# tighter limits for the hostile corpus (tests/course/test_hostile.py)
+c.Execute.timeout = 20
+c.QCourseSandbox.memory_mb = 3072
+c.QCourseSandbox.processes = 64
+c.QCourseSandbox.wall_seconds = 400
+"""
+
+
+def scratch_course(root: Path) -> Path:
+    root.mkdir(parents=True)
+    shutil.copy2(build_mod.COURSE / "nbgrader_config.py", root)
+    with open(root / "nbgrader_config.py", "a") as f:
+        f.write(TEST_LIMITS)
+    for part in ("masters", "reference"):
+        shutil.copytree(build_mod.COURSE / part, root / part)
+    return root
+
+
+def honest(dest: Path, solution) -> dict[str, Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    nbformat.write(solution, dest / "alice.ipynb")
+    shutil.copy(build_mod.REPO / "labs" / f"{LAB}.ipynb", dest / "bob.ipynb")
+    carol = nbformat.from_dict(solution)
+    next(c for c in carol.cells if c.get("id") == "ex5_model_bytes").source = (
+        "def model_bytes(n_params, bits, group_size=None, scale_bits=16):\n    return n_params * bits / 8\n")
+    nbformat.write(carol, dest / "carol.ipynb")
+    return {p.stem: p for p in sorted(dest.glob("*.ipynb"))}
+
+
+def digest(paths) -> dict[str, str]:
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def graded(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    course = scratch_course(tmp / "course")
+    solution = load_master(find_masters(course)[LAB])
+    subs = tmp / "subs"
+    honest(subs, solution)
+    expected = cases.build(subs, course, solution, build_mod.REPO)
+    watched = [build_mod.REPO / "README.md", build_mod.REPO / "qcore" / "checks.py",
+               *sorted((course / "masters").glob("*")), *sorted((course / "reference").rglob("*.npz"))]
+    before = digest(watched)
+    found = collect(subs, LAB)
+    outcomes = {o.student: o for o in autograde(found, LAB, jobs=2, course_root=course, log=print)}
+    after = digest(watched)
+    # every imported submission is still byte for byte what its student handed in
+    for sid, src in found.items():
+        kept = course / "submitted" / sid / LAB / f"{LAB}.ipynb"
+        assert kept.read_bytes() == src.read_bytes(), sid
+    return course, expected, outcomes, before, after, solution, tmp
+
+
+def test_every_hostile_case_earns_what_its_honest_parts_earn(graded):
+    _, expected, outcomes, *_ = graded
+    problems = []
+    for name, want in expected.items():
+        got = outcomes[name]
+        if got.status != want.status:
+            problems.append(f"{name}: status {got.status} ({got.message})")
+        if want.score is not None and got.score != want.score:
+            problems.append(f"{name}: score {got.score} != {want.score} ({got.message}) {got.exercises}")
+        if want.report and want.report not in got.message:
+            problems.append(f"{name}: report lacks {want.report!r}: {got.message!r}")
+        for ex in want.zero:
+            if got.exercises.get(ex):
+                problems.append(f"{name}: {ex} should score 0, got {got.exercises[ex]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_nothing_leaks_out_of_the_sandbox(graded):
+    course, expected, *_ = graded
+    for name in expected:
+        notebook = course / "autograded" / name / LAB / f"{LAB}.ipynb"
+        if notebook.is_file():
+            nb = nbformat.read(notebook, as_version=4)
+            printed = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+            assert "BREACH" not in printed, (name, printed[:500])
+
+
+def test_nothing_outside_the_work_folders_changed(graded):
+    _, _, _, before, after, *_ = graded
+    assert before == after
+
+
+def test_gradebook_is_consistent(graded):
+    from nbgrader.api import Gradebook
+
+    course, _, outcomes, *_ = graded
+    with Gradebook(f"sqlite:///{course / 'gradebook.db'}", "qcourse") as gb:
+        rows = {s.id: gb.find_submission(LAB, s.id).score for s in gb.students}
+        assert len(gb.assignment_submissions(LAB)) == len(outcomes)
+    assert rows == {sid: o.score for sid, o in outcomes.items()}
+
+
+def test_honest_students_get_the_grade_they_get_alone(graded):
+    _, _, outcomes, _, _, solution, tmp = graded
+    alone_course = scratch_course(tmp / "alone")
+    alone = {o.student: o.score for o in autograde(honest(tmp / "alone-subs", solution), LAB, jobs=2,
+                                                   course_root=alone_course, log=print)}
+    assert alone == {"alice": 10.0, "bob": 0.0, "carol": 9.0}
+    assert {s: outcomes[s].score for s in alone} == alone
+    again = autograde({"carol": tmp / "alone-subs" / "carol.ipynb"}, LAB, course_root=alone_course,
+                      force=True, log=print)
+    assert again[0].score == alone["carol"]
+
+
+def test_docs_table_lists_every_case():
+    text = (build_mod.REPO / "docs" / "hostile-submissions.md").read_text()
+    solution = load_master(find_masters(build_mod.COURSE)[LAB])
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        names = cases.build(Path(tmp), Path(tmp), solution, build_mod.REPO)
+    for name in names:
+        assert f"`{name}`" in text, name
