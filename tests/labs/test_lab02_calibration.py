@@ -30,6 +30,7 @@ from IPython.core.inputtransformer2 import TransformerManager
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 
 import qcore.zoo
+from harness import HIDDEN, Kernel, grade_id, role  # noqa: F401 (shared lab-test helpers)
 from qcore.calibrate import MSEObserver
 from qcore.checks import CheckFailed
 from qcore.course.master import load_master
@@ -44,7 +45,6 @@ LAB = "lab02_calibration"
 MASTER = REPO / "course" / "masters" / f"{LAB}.py"
 REFGEN = REPO / "course" / "refgen" / f"{LAB}.py"
 REFERENCE = REPO / "course" / "reference"
-HIDDEN = re.compile(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", re.S)
 EXERCISES = ["ex1_scale_zero_point", "ex2_quantize", "ex3_error", "ex4_granularity", "ex5_clipping", "ex6_pack"]
 POINTS = {"ex1_scale_zero_point_tests": 2, "ex2_quantize_tests": 2, "ex3_error_tests": 1,
           "ex4_granularity_tests": 3, "ex5_clipping_tests": 3, "ex6_pack_tests": 2}
@@ -54,45 +54,6 @@ STUDENT_FUNCTIONS = ["int_grid", "scale_zero_point", "quantize_affine", "dequant
 
 
 # ----------------------------------------------------------------------------- running cells
-def role(cell) -> str | None:
-    meta = cell.metadata.get("nbgrader", {})
-    if meta.get("solution"):
-        return "solution"
-    if meta.get("grade"):
-        return "tests"
-    if meta.get("locked"):
-        return "locked"
-    return None
-
-
-def grade_id(cell) -> str | None:
-    return cell.metadata.get("nbgrader", {}).get("grade_id")
-
-
-class Kernel:
-    """A notebook namespace run as ``__main__``; stdout and stderr of its cells are collected."""
-
-    def __init__(self, namespace: dict | None = None):
-        self.module = types.ModuleType("__main__")
-        if namespace:
-            self.module.__dict__.update(namespace)
-        self.stdout, self.stderr = io.StringIO(), io.StringIO()
-
-    @property
-    def ns(self) -> dict:
-        return self.module.__dict__
-
-    def run(self, source: str) -> None:
-        code = compile(TransformerManager().transform_cell(source), "<cell>", "exec")
-        saved = sys.modules["__main__"]
-        sys.modules["__main__"] = self.module
-        try:
-            with contextlib.redirect_stdout(self.stdout), contextlib.redirect_stderr(self.stderr):
-                exec(code, self.ns)
-        finally:
-            sys.modules["__main__"] = saved
-
-
 @pytest.fixture(scope="module")
 def master_nb():
     return load_master(MASTER)
