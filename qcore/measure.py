@@ -11,7 +11,7 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import psutil
 import torch
@@ -83,6 +83,23 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _timed_ms(fn: Callable[[], object], device: str) -> float:
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return (time.perf_counter() - start) * 1e3
+
+
+def _summary(times: list[float], device: str) -> Latency:
+    times = sorted(times)
+
+    def at(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return Latency(statistics.median(times), at(0.1), at(0.9), len(times),
+                   torch.get_num_threads(), device)
+
+
 def latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,
             device: str = "cpu") -> Latency:
     """Median wall time of ``fn()`` after ``warmup`` untimed calls (CUDA synchronised).
@@ -100,19 +117,33 @@ def latency(fn: Callable[[], object], warmup: int = 3, repeats: int = 20,
     for _ in range(warmup):
         fn()
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
+    return _summary([_timed_ms(fn, device) for _ in range(repeats)], device)
 
-    def at(q: float) -> float:
-        return times[min(len(times) - 1, int(q * len(times)))]
 
-    return Latency(statistics.median(times), at(0.1), at(0.9), repeats,
-                   torch.get_num_threads(), device)
+def interleaved_latency(fns: dict[str, Callable[[], object]], warmup: int = 2, repeats: int = 10,
+                        device: str = "cpu", rounds: Callable[[range], Iterable] = iter) -> dict[str, Latency]:
+    """Latency of several contenders measured in turns: every round calls each ``fn`` once.
+
+    On a shared machine a busy spell then slows all contenders alike, so their *ratios* hold even
+    when the absolute times move; timing one after the other would put the spell on one of them.
+    ``rounds`` wraps the rounds (pass ``qcore.train.progress`` for a progress bar).
+
+    Example:
+        >>> x = torch.randn(128, 128)
+        >>> t = interleaved_latency({"fp32": lambda: x @ x, "fp64": lambda: x.double() @ x.double()},
+        ...                         warmup=1, repeats=5)
+        >>> list(t), t["fp32"].repeats
+        (['fp32', 'fp64'], 5)
+    """
+    if repeats < 1:
+        raise ValueError("repeats must be at least 1")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in rounds(range(warmup + repeats)):
+        for name, fn in fns.items():
+            ms = _timed_ms(fn, device)
+            if r >= warmup:
+                times[name].append(ms)
+    return {name: _summary(t, device) for name, t in times.items()}
 
 
 def peak_memory(fn: Callable[[], object], device: str = "cpu", interval_s: float = 0.001) -> int:

@@ -38,6 +38,37 @@ def quiet() -> None:
         pass
 
 
+def show_check_failures_briefly(shell=None) -> bool:
+    """In IPython, a failed self-check shows its message in red, without a traceback.
+
+    The traceback of a ``CheckFailed`` points into ``qcore.checks``, which is noise to a student; the
+    message already says what was expected, what came and a hint. The cell still ends in an error
+    (Run All stops there, nbgrader counts it failed). False outside IPython.
+
+    Example:
+        >>> show_check_failures_briefly()   # no IPython shell here
+        False
+    """
+    from qcore.checks import CheckFailed
+
+    if shell is None:
+        try:
+            from IPython import get_ipython
+        except ImportError:
+            return False
+        shell = get_ipython()
+    if shell is None:
+        return False
+
+    def brief(self, etype, value, tb, tb_offset=None):
+        stb = [f"\x1b[31m✗ {value}\x1b[0m"]
+        self._showtraceback(etype, value, stb)
+        return stb
+
+    shell.set_custom_exc((CheckFailed,), brief)
+    return True
+
+
 def setup(seed: int = 0, verbose: bool = True) -> str:
     """Quiet the notebook, seed it, set threads, and return the device (``"cuda"``/``"cpu"``).
 
@@ -46,6 +77,7 @@ def setup(seed: int = 0, verbose: bool = True) -> str:
         True
     """
     quiet()
+    show_check_failures_briefly()
     seed_everything(seed)
     threads = set_threads()
     device = pick_device()

@@ -63,6 +63,35 @@ def calibrate(model: nn.Module, names: list[str], run: Callable[[nn.Module], obj
     return {n: torch.maximum(-o.min_val, o.max_val).flatten() for n, o in observers.items()}
 
 
+def unpadded_runner(tokenizer, texts: list[str], device: str = "cpu",
+                    max_length: int = 128) -> Callable[[nn.Module], None]:
+    """``run(model)`` for ``calibrate``: the texts grouped by token count, so no batch holds padding.
+
+    Padding is masked out of attention, but its activations still pass through every linear layer
+    and would widen the observed ranges; equal-length groups avoid it without any masking.
+
+    Example:
+        >>> class Tok:  # one token per word, like a whitespace tokenizer
+        ...     def __call__(self, text, truncation=True, max_length=128):
+        ...         return {"input_ids": list(range(len(text.split())))[:max_length]}
+        >>> seen = []
+        >>> unpadded_runner(Tok(), ["a b", "c d", "e"])(lambda input_ids, attention_mask: seen.append(
+        ...     tuple(input_ids.shape)))
+        >>> seen
+        [(2, 2), (1, 1)]
+    """
+    by_length: dict[int, list[list[int]]] = {}
+    for text in texts:
+        ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+        by_length.setdefault(len(ids), []).append(ids)
+
+    def run(model) -> None:
+        for group in by_length.values():
+            ids = torch.tensor(group, device=device)  # [texts of this length, length]
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return run
+
+
 def static_input_scales(absmax: dict[str, torch.Tensor], bits: int = 8) -> dict[str, torch.Tensor]:
     """One symmetric per-tensor scale per layer: ``max over channels of absmax / qmax``.
 

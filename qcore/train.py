@@ -74,7 +74,10 @@ def under_grader() -> bool:
 
 
 def progress(iterable: Iterable, desc: str = "", total: int | None = None, **kw):
-    """A tqdm progress bar on stdout (a widget in notebooks); silent under nbgrader.
+    """A tqdm progress bar on stdout (a widget in notebooks); silent under nbgrader and in logs.
+
+    A bar redrawn with carriage returns is noise where nobody watches a terminal: when stdout is
+    neither a terminal nor a Jupyter kernel's (a CI log, a pipe), no bar is drawn.
 
     Example:
         >>> sum(progress(range(3), disable=True))
@@ -82,7 +85,8 @@ def progress(iterable: Iterable, desc: str = "", total: int | None = None, **kw)
     """
     from tqdm.auto import tqdm
 
-    kw.setdefault("disable", under_grader())
+    watched = "ipykernel" in sys.modules or getattr(sys.stdout, "isatty", lambda: False)()
+    kw.setdefault("disable", under_grader() or not watched)
     return tqdm(iterable, desc=desc, total=total, file=sys.stdout, leave=False, **kw)
 
 

@@ -17,6 +17,19 @@ def test_bench_prints_its_table():
 
 
 @pytest.mark.slow
+def test_ptq_bench_records_lab3_targets():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_ptq.py"), "--test", "64", "--repeats", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.stderr == "", out.stderr[-2000:]
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith("| ")]
+    for what in ("accuracy drop, torch.ao", "accuracy drop, W8A16", "accuracy drop, W8A8 dynamic",
+                 "accuracy drop, W8A8 static", "size, own W8A16", "speed-up, batch 8x128", "calibration shift"):
+        assert any(what in r for r in rows), (what, out.stdout)
+    assert all(r.count("|") == 5 for r in rows), out.stdout  # a well-formed table, no stray bars
+    assert "\r" not in out.stdout  # no progress bars in a log
+
+
+@pytest.mark.slow
 def test_demo_prints_its_table():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "demo.py")], capture_output=True,
                          text=True, timeout=900)

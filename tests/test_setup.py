@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -42,13 +43,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_make_lab_serves_labs_on_loopback_with_nbgrader():
+def test_make_lab_serves_labs_on_loopback_with_nbgrader(tmp_path):
+    """`make lab`: prints its URL with the token, listens on 127.0.0.1 only, serves labs/ with
+    nbgrader's extensions, refuses a second server for the same folder, and stops by its PID."""
     port, token = _free_port(), "qcourse-test-token"
-    proc = subprocess.Popen(
-        ["make", "-s", "lab", f"LAB_ARGS=--port={port} --IdentityProvider.token={token}"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")}  # only this test's servers
+    proc = subprocess.Popen(["make", "-s", "lab", f"LAB_ARGS=--port={port} --token={token}"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
+        lines = []
+        for line in iter(proc.stdout.readline, ""):  # set-up's lines first, then the launcher's banner
+            lines.append(line)
+            if line.startswith("  stop:"):
+                break
+        text = "".join(lines)
+        assert f"open: http://127.0.0.1:{port}/lab?token={token}" in text, text
+        server_pid = int(text.split("qcourse lab: ")[1].split(", pid ")[1].split(",")[0])
         base = f"http://127.0.0.1:{port}"
         deadline = time.time() + 60
         while True:
@@ -65,15 +75,42 @@ def test_make_lab_serves_labs_on_loopback_with_nbgrader():
         assert "README.md" in names  # the server's root is labs/
         with urllib.request.urlopen(f"{base}/lab/api/extensions?token={token}", timeout=5) as r:
             assert "nbgrader" in r.read().decode()
-        # loopback only: the port is not bound on other addresses
+        with pytest.raises(urllib.error.HTTPError):  # no token, no entry
+            urllib.request.urlopen(f"{base}/api/contents", timeout=5)
+        import psutil
+        listening = {c.laddr.ip for c in psutil.Process(server_pid).net_connections() if c.status == "LISTEN"}
+        assert listening == {"127.0.0.1"}, listening
+
+        second = subprocess.run(["make", "-s", "lab"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode != 0
+        assert f"already running for {ROOT / 'labs'} (pid {server_pid})" in second.stderr, second.stderr
+        assert f"http://127.0.0.1:{port}/lab?token={token}" in second.stderr
+
+        os.kill(server_pid, signal.SIGTERM)  # stop it by the PID it printed
+        proc.wait(timeout=30)
         with socket.socket() as s:
-            s.settimeout(1)
-            other = socket.gethostbyname(socket.gethostname())
-            if not other.startswith("127."):
-                assert s.connect_ex((other, port)) != 0
+            assert s.connect_ex(("127.0.0.1", port)) != 0
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_lab_refuses_a_port_taken_by_another_program(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = subprocess.run([str(BIN / "qcourse"), "lab", "--root", str(tmp_path), "--port", str(port)],
+                             capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime")})
+    assert out.returncode == 1 and f"port {port} on 127.0.0.1 is in use" in out.stderr
+
+
+def test_lab_refuses_a_missing_folder(tmp_path):
+    out = subprocess.run([str(BIN / "qcourse"), "lab", "--root", str(tmp_path / "nope")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "no folder" in out.stderr

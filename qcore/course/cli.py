@@ -1,4 +1,4 @@
-"""The ``qcourse`` command line: build, check, validate and autograde the labs.
+"""The ``qcourse`` command line: start the labs; build, check, validate and autograde them.
 
 Example:
     >>> main(["--version"])
@@ -129,12 +129,23 @@ def _autograde(args) -> int:
     return 0
 
 
+def _lab(args) -> int:
+    from qcore.course.lab import launch
+
+    return launch(args.root, args.port, args.token)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="qcourse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     parser.add_argument("--course", type=Path, default=COURSE, help="the nbgrader course root (default: %(default)s)")
     sub = parser.add_subparsers(dest="command")
     sub.add_parser("env", help="show the compute environment the labs will use").set_defaults(func=_env)
+    p = sub.add_parser("lab", help="start JupyterLab on the labs (127.0.0.1 only, with a token)")
+    p.add_argument("--root", type=Path, default=REPO / "labs", help="folder to serve (default: %(default)s)")
+    p.add_argument("--port", type=int, help="port (default: 8888, or a free one when that is taken)")
+    p.add_argument("--token", help="access token (default: $QCOURSE_LAB_TOKEN, else a random one)")
+    p.set_defaults(func=_lab)
     p = sub.add_parser("build", help="masters -> labs/ and solutions/")
     p.add_argument("labs", nargs="*", help="labs to build (default: all)")
     p.add_argument("--check", action="store_true", help="fail when labs/ or solutions/ differ from a fresh build")
