@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LAB_ARGS ?=
 
-.PHONY: setup assets sandbox-tools lab test test-fast bench demo clean-venv
+.PHONY: setup assets sandbox-tools browser-tools lab test test-fast bench demo clean-venv
 
 # The virtual environment, rebuilt when the lock or the package metadata changes.
 $(STAMP): requirements.lock pyproject.toml
@@ -28,7 +28,15 @@ sandbox-tools:
 	   apt-get install -y -q bubblewrap >/dev/null 2>&1)); } || \
 	  echo "note: bubblewrap not installed; autograding will use resource limits only"
 
-setup: $(STAMP) assets sandbox-tools
+# Debian's Chromium for the browser test (tests/browser), driven by Playwright without a download;
+# without it that test is skipped.
+browser-tools:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	   apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)); } || \
+	  echo "note: chromium not installed; the browser test will be skipped"
+
+setup: $(STAMP) assets sandbox-tools browser-tools
 
 lab: setup
 	$(VENV)/bin/qcourse lab $(LAB_ARGS)
