@@ -37,7 +37,6 @@ DEVICE = setup()
 import copy
 import math
 import statistics
-import time
 import warnings
 
 import matplotlib.pyplot as plt
@@ -47,12 +46,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcore.assets import AssetError
-from qcore.measure import describe_device, size_on_disk
+from qcore.measure import describe_device, interleaved_latency, size_on_disk
 from qcore.ptq import Int8Linear, QuantLinear, linear_names, logit_damage, quantize_model
 from qcore.ptq import layer_sensitivity as qcore_layer_sensitivity
 from qcore.ptq import most_sensitive as qcore_most_sensitive
 from qcore.quant import PerChannel, PerGroup, choose_qparams, fake_quantize, sqnr_db
-from qcore.smoothquant import calibrate, smoothquant_factors, static_input_scales
+from qcore.smoothquant import calibrate, smoothquant_factors, static_input_scales, unpadded_runner
 from qcore.train import progress, under_grader
 from qcore.zoo import HUB_SENTIMENT_MODEL, load_sentiment_data, load_sentiment_model
 
@@ -610,17 +609,8 @@ finally:
 
 # %%
 def calibration_runner(texts: list[str]):
-    """run(model): the texts, grouped by token count (no padding), through the model."""
-    by_length = {}
-    for t in texts:
-        ids = tokenizer(t, truncation=True, max_length=128)["input_ids"]
-        by_length.setdefault(len(ids), []).append(ids)
-
-    def run(m):
-        for group in by_length.values():
-            ids = torch.tensor(group, device=DEVICE)
-            m(input_ids=ids, attention_mask=torch.ones_like(ids))
-    return run
+    """run(model) for calibrate: the texts, grouped by token count (no padding), through the model."""
+    return unpadded_runner(tokenizer, texts, DEVICE)
 
 
 names = linear_names(model)
@@ -1097,21 +1087,13 @@ def make_inputs(texts: list[str], padding) -> dict:
     return {"input_ids": enc["input_ids"].to(DEVICE), "attention_mask": enc["attention_mask"].to(DEVICE)}
 
 
-def interleaved_latency(models: dict, inputs: dict, repeats: int, warmup: int, desc: str = "") -> dict:
-    """Median milliseconds of m(**inputs) per model; the models take turns in every round."""
-    times = {name: [] for name in models}
+def latency_table(models: dict, inputs: dict, warmup: int, repeats: int, desc: str) -> dict:
+    """Median milliseconds of m(**inputs) per model, the models taking turns in every round."""
     with torch.inference_mode():
-        for r in progress(range(warmup + repeats), desc=desc):
-            for name, m in models.items():
-                if DEVICE != "cpu":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                m(**inputs)
-                if DEVICE != "cpu":
-                    torch.cuda.synchronize()
-                if r >= warmup:
-                    times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
+        timings = interleaved_latency({name: (lambda m=m: m(**inputs)) for name, m in models.items()},
+                                      warmup=warmup, repeats=repeats, device=DEVICE,
+                                      rounds=lambda r: progress(r, desc=desc))
+    return {name: t.median_ms for name, t in timings.items()}
 
 
 one = [t for t in data.test.texts if len(tokenizer(t)["input_ids"]) == 24][:1] or data.test.texts[:1]
@@ -1119,8 +1101,8 @@ batch_8x128 = make_inputs(data.test.texts[:8], "max_length")
 batch_1 = make_inputs(one, True)
 models = {name: m for name, (m, _) in configs.items()}
 warmup = 0 if under_grader() else 2
-lat8 = interleaved_latency(models, batch_8x128, LATENCY_REPEATS, warmup, desc="latency 8x128")
-lat1 = interleaved_latency(models, batch_1, 3 * LATENCY_REPEATS, warmup, desc="latency 1 sentence")
+lat8 = latency_table(models, batch_8x128, warmup, LATENCY_REPEATS, desc="latency 8x128")
+lat1 = latency_table(models, batch_1, warmup, 3 * LATENCY_REPEATS, desc="latency 1 sentence")
 for name in results:
     results[name].update(ms_8x128=lat8[name], ms_1=lat1[name])
 

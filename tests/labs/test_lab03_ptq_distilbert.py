@@ -10,16 +10,12 @@ sentiment model is loaded once for the whole module.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import importlib.util
-import io
 import re
-import sys
 import textwrap
 import time
-import types
 from pathlib import Path
 
 import matplotlib
@@ -27,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from IPython.core.inputtransformer2 import TransformerManager
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 from torch import nn
 
 import qcore.zoo
+from harness import HIDDEN, Kernel, grade_id, role  # noqa: F401 (shared lab-test helpers)
 from qcore import ptq, smoothquant
 from qcore.checks import CheckFailed
 from qcore.course.master import load_master
@@ -45,7 +41,6 @@ LAB = "lab03_ptq_distilbert"
 MASTER = REPO / "course" / "masters" / f"{LAB}.py"
 REFGEN = REPO / "course" / "refgen" / f"{LAB}.py"
 REFERENCE = REPO / "course" / "reference"
-HIDDEN = re.compile(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", re.S)
 EXERCISES = ["ex1_weight_only", "ex2_dynamic_w8a8", "ex3_static_w8a8", "ex4_smoothquant", "ex5_sensitivity"]
 POINTS = {"ex1_weight_only_tests": 3, "ex2_dynamic_w8a8_tests": 3, "ex3_static_w8a8_tests": 3,
           "ex4_smoothquant_tests": 3, "ex5_sensitivity_tests": 2}
@@ -55,45 +50,6 @@ STUDENT_FUNCTIONS = ["quantize_weight", "weight_only_linear", "quantize_per_toke
 
 
 # ----------------------------------------------------------------------------- running cells
-def role(cell) -> str | None:
-    meta = cell.metadata.get("nbgrader", {})
-    if meta.get("solution"):
-        return "solution"
-    if meta.get("grade"):
-        return "tests"
-    if meta.get("locked"):
-        return "locked"
-    return None
-
-
-def grade_id(cell) -> str | None:
-    return cell.metadata.get("nbgrader", {}).get("grade_id")
-
-
-class Kernel:
-    """A notebook namespace run as ``__main__``; stdout and stderr of its cells are collected."""
-
-    def __init__(self, namespace: dict | None = None):
-        self.module = types.ModuleType("__main__")
-        if namespace:
-            self.module.__dict__.update(namespace)
-        self.stdout, self.stderr = io.StringIO(), io.StringIO()
-
-    @property
-    def ns(self) -> dict:
-        return self.module.__dict__
-
-    def run(self, source: str) -> None:
-        code = compile(TransformerManager().transform_cell(source), "<cell>", "exec")
-        saved = sys.modules["__main__"]
-        sys.modules["__main__"] = self.module
-        try:
-            with contextlib.redirect_stdout(self.stdout), contextlib.redirect_stderr(self.stderr):
-                exec(code, self.ns)
-        finally:
-            sys.modules["__main__"] = saved
-
-
 @pytest.fixture(scope="module")
 def master_nb():
     return load_master(MASTER)
