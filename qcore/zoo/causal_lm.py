@@ -310,3 +310,51 @@ def sentiment_lm_batches(tokenizer, split, batch_size: int = 8, limit: int | Non
                  "labels": lm_labels(input_ids, [len(p) for p in prompts], attention_mask)}
         out.append({k: v.to(device) for k, v in batch.items()})
     return out
+
+
+def answer_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """``[batch, vocab]`` next-token logits at each right-padded row's last real token.
+
+    The vocabulary projection runs only from the earliest last token on (``logits_to_keep``),
+    so a training step pays for a few positions of the 49k-word head, not for all of them.
+
+    Example:
+        >>> ids, mask = _right_pad([[5, 6, 7], [5, 6]], 0)
+        >>> answer_logits(tiny_causal_lm(), ids, mask).shape
+        torch.Size([2, 49152])
+    """
+    last = attention_mask.sum(1) - 1                              # [b]
+    keep = int(input_ids.shape[1] - last.min())
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    first = input_ids.shape[1] - logits.shape[1]                  # position of logits[:, 0]
+    return logits[torch.arange(len(last), device=logits.device), (last - first).to(logits.device)]
+
+
+def sentiment_train_batches(tokenizer, split, batch_size: int = 8, limit: int | None = None,
+                            seed: int = 0, device: str = "cpu") -> list[dict]:
+    """Shuffled, length-grouped batches of prompts with the label word's token id as target.
+
+    Each dict has ``input_ids`` and ``attention_mask`` (``[batch, seq]``, right-padded) and
+    ``targets`` (``[batch]``, the id of " negative" or " positive"): the loss is
+    ``cross_entropy(answer_logits(model, ...), targets)``, exactly the token that
+    ``zero_shot_sentiment`` reads, trained without computing logits for the prompt.
+
+    Example:
+        >>> from qcore.zoo.sentiment import Split
+        >>> tok = load_causal_lm_tokenizer()
+        >>> b = sentiment_train_batches(tok, Split(["Great fun.", "Dull."], [1, 0]), batch_size=2)
+        >>> sorted(b[0]["targets"].tolist()), b[0]["input_ids"].shape[0]
+        ([2731, 3524], 2)
+    """
+    from qcore.train import length_grouped_batches
+
+    texts, labels = split.texts[:limit], split.labels[:limit]
+    ids = label_token_ids(tokenizer)
+    prompts = [_prompt_ids(tokenizer, t) for t in texts]
+    out = []
+    for idx in length_grouped_batches([len(p) for p in prompts], batch_size, seed=seed):
+        input_ids, attention_mask = _right_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
+        targets = torch.tensor([ids[labels[i]] for i in idx])
+        out.append({"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+                    "targets": targets.to(device)})
+    return out
