@@ -114,13 +114,17 @@ def mse_scale(weight: torch.Tensor, bits: int, num_candidates: int = 100) -> tor
     """
     qmax = 2 ** (bits - 1) - 1
     w = weight.detach().float()
-    best = absmax_scale(w, bits)
-    best_err = torch.full_like(best, math.inf)
-    for k in range(1, num_candidates + 1):
-        s = (best.new_tensor(k / num_candidates) * absmax_scale(w, bits)).clamp(min=MIN_SCALE)
-        err = ((torch.round(w / s).clamp(-qmax, qmax) * s - w) ** 2).sum(dim=1, keepdim=True)
-        better = err < best_err
-        best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    top = absmax_scale(w, bits)  # [out, 1]
+    best, best_err = top.clone(), torch.full_like(top, math.inf)
+    ratios = torch.arange(1, num_candidates + 1, device=w.device, dtype=torch.float32) / num_candidates
+    # Candidates in chunks of [k, out, in] (about 1M values each): fewer, larger operations.
+    for chunk in ratios.split(max(1, 1_000_000 // max(1, w.numel()))):
+        s = (chunk.view(-1, 1, 1) * top).clamp(min=MIN_SCALE)  # [k, out, 1]
+        err = ((torch.round(w / s).clamp(-qmax, qmax) * s - w) ** 2).sum(dim=-1, keepdim=True)
+        err_min, k = err.min(dim=0)  # [out, 1]
+        better = err_min < best_err
+        best = torch.where(better, s.gather(0, k.unsqueeze(0)).squeeze(0), best)
+        best_err = torch.where(better, err_min, best_err)
     return best
 
 
