@@ -240,3 +240,13 @@ def test_quantize_model_merge_and_requantize():
         q = requant.model.layers[0].self_attn.q_proj
         assert isinstance(q, lora.NF4Linear)
         assert torch.equal(q.weight_hat(), dequantize_nf4(*quantize_nf4(want, 64, double_quant=True)))
+
+
+@pytest.mark.parametrize("shape, block_size, double_quant", [((24, 256), 64, True), ((8, 128), 128, False),
+                                                            ((3, 33), 64, True), ((5, 96), 64, False)])
+def test_fast_dequantization_is_nf4_s_bit_for_bit(shape, block_size, double_quant):
+    lin = nn.Linear(shape[1], shape[0])
+    layer = lora.NF4Linear.from_linear(lin, block_size, double_quant)
+    want = dequantize_nf4(*quantize_nf4(lin.weight, block_size, double_quant))
+    assert torch.equal(layer.weight_hat(), want)
+    assert layer.weight_hat(torch.bfloat16).dtype == torch.bfloat16

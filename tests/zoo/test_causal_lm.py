@@ -156,6 +156,26 @@ def test_a_few_training_steps_reduce_the_loss(tok, split):
     assert after < 0.5 * before and ppl == pytest.approx(torch.tensor(after).exp().item())
 
 
+def test_answer_batches_train_the_token_zero_shot_reads(tok, split):
+    """sentiment_train_batches + answer_logits: every sentence once, its label word as target, and
+    the cross-entropy equal to the LM loss of sentiment_lm_batches on the same sentences."""
+    model = C.tiny_causal_lm(seed=5)
+    batches = C.sentiment_train_batches(tok, split, batch_size=3, seed=1)
+    assert [b["input_ids"].shape[0] for b in batches] in ([3, 3, 2], [3, 2, 3], [2, 3, 3])
+    ids = C.label_token_ids(tok)
+    assert sorted(sum((b["targets"].tolist() for b in batches), [])) == sorted(ids[y] for y in LABELS)
+    with torch.no_grad():
+        answer = torch.cat([C.answer_logits(model, b["input_ids"], b["attention_mask"]) for b in batches])
+        targets = torch.cat([b["targets"] for b in batches])
+        lm = C.sentiment_lm_batches(tok, split, batch_size=8)[0]
+        want = lm_loss(model, lm["input_ids"], lm["attention_mask"], lm["labels"])
+    assert answer.shape == (len(TEXTS), 49152)
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(answer, targets), want, atol=1e-5, rtol=1e-5)
+    two = C.sentiment_logits(model, tok, TEXTS)  # the same logits zero-shot compares
+    assert torch.allclose(torch.sort(answer[:, ids].flatten()).values, torch.sort(two.flatten()).values, atol=1e-5)
+    assert C.sentiment_train_batches(tok, split, batch_size=3, limit=4)[0]["input_ids"].shape[0] <= 3
+
+
 def test_missing_cache_names_the_fetch_command(tmp_path, monkeypatch):
     monkeypatch.setenv("QCOURSE_CACHE", str(tmp_path))
     with pytest.raises(assets.AssetError, match="make setup"):
