@@ -60,7 +60,7 @@ N_TEST = 48 if under_grader() else None         # None: the whole test split
 N_CALIBRATION = 16 if under_grader() else 256   # training sentences that set the activation ranges
 # Weight widths that get QAT runs: {bits: (optimizer steps of 16 sentences, peak learning rate)}.
 # Lower widths start further from a good model: more steps, a larger learning rate.
-QAT_RUNS = {2: (2, 2e-4)} if under_grader() else {4: (40, 5e-5), 3: (80, 1e-4), 2: (150, 2e-4)}
+QAT_RUNS = {2: (2, 2e-4)} if under_grader() else {4: (40, 5e-5), 3: (80, 1e-4), 2: (120, 2e-4)}
 
 # %% [markdown]
 # ## 1. Rounding has no useful gradient: the straight-through estimator
@@ -820,7 +820,7 @@ def qat_finetune(m: nn.Module, steps: int, lr: float, batch_size: int = 16,
 
 # %% [markdown]
 # Now every configuration. PTQ and MSE clipping take seconds per width; the QAT runs take from half a
-# minute (4 bits, 40 steps) to one and a half (2 bits, 150 steps) each on a quiet 2-core CPU
+# minute (4 bits, 40 steps) to a minute and a quarter (2 bits, 120 steps) each on a quiet 2-core CPU
 # (`QAT_RUNS`; more steps help a little more).
 
 # %%
@@ -831,9 +831,18 @@ seconds = {}
 start = time.perf_counter()
 for bits in BITS:
     results["PTQ (max|w|)"][bits] = accuracy(calibrate(qcore.qat.prepare_qat(model, bits, 8)), f"PTQ W{bits}A8")
+seconds["PTQ, all widths"] = time.perf_counter() - start
+print("PTQ (max|w|): " + ", ".join(f"W{b}A8 {a:.4f}" for b, a in results["PTQ (max|w|)"].items()))
+
+# %%
+start = time.perf_counter()
+for bits in BITS:
     results["PTQ + MSE clipping"][bits] = accuracy(calibrate(qcore.qat.prepare_qat(model, bits, 8, lsq=True)),
                                                    f"MSE W{bits}A8")
-seconds["PTQ and MSE, all widths"] = time.perf_counter() - start
+seconds["MSE clipping, all widths"] = time.perf_counter() - start
+print("PTQ + MSE clipping: " + ", ".join(f"W{b}A8 {a:.4f}" for b, a in results["PTQ + MSE clipping"].items()))
+
+# %%
 qat_models = {}
 
 
@@ -853,6 +862,7 @@ def run_qat(bits: int) -> None:
               f"({seconds[name, bits]:.0f} s)")
 
 
+# %%
 run_qat(4)
 
 # %%
