@@ -931,13 +931,15 @@ for bits in (3, 2):
 #
 # * **8 bits**: nothing to recover (PTQ is within the noise of FP32), so no QAT run: 255 levels per row
 #   are fine enough for any method.
-# * **4 bits**: PTQ loses a little; MSE clipping and QAT close most of the gap.
-# * **3 bits**: PTQ loses several points. Most of that is a bad *choice of scale*, not a lack of
-#   training: MSE clipping alone, with no training at all, wins most of it back. QAT then recovers
-#   most of the loss (the target above).
+# * **4 bits**: PTQ loses less than a point, about the noise. MSE clipping and QAT with learnable
+#   scales sit at FP32's level; a short run of plain QAT does no better than PTQ here.
+# * **3 bits**: PTQ loses several points. Much of that is a bad *choice of scale*, not a lack of
+#   training: MSE clipping alone, with no training at all, wins about half of it back. QAT recovers
+#   more (the target above), and QAT with learnable scales the most.
 # * **2 bits** (three levels per weight: `-s, 0, +s`): PTQ is close to a coin toss, since with
-#   `max|w|` scales almost every weight rounds to 0. MSE clipping brings the model back, plain QAT
-#   more, and QAT with learnable scales the most.
+#   `max|w|` scales almost every weight rounds to 0. MSE clipping brings the model back; plain QAT,
+#   which keeps the `max|w|` scales, recovers a similar share in a short run; QAT with MSE-initialised
+#   learnable scales recovers the most, and only it comes near FP32.
 # * The noise of an accuracy on about 1000 sentences is about 1 point: differences below that are
 #   luck. Longer training (more steps in `QAT_RUNS`) helps a little more, at 2 bits most.
 #
