@@ -254,7 +254,7 @@ def sentiment_logits(model, tokenizer, texts: list[str], batch_size: int = 16) -
     order = sorted(range(len(texts)), key=lambda i: len(prompts[i]))
     out = torch.empty(len(texts), 2)
     plan = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in progress(plan, desc="zero-shot", disable=under_grader() or len(plan) < 2):
+    for idx in progress(plan, desc="label logits", disable=under_grader() or len(plan) < 2):
         input_ids, attention_mask = _right_pad([prompts[i] for i in idx], tokenizer.pad_token_id)
         last = attention_mask.sum(1) - 1  # [b] position of each row's last real token
         keep = int(input_ids.shape[1] - last.min())  # the positions from the earliest last token on
