@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import logging
 import math
 import re
 import textwrap
 import time
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -50,16 +48,7 @@ POINTS = {"ex1_lora_linear_tests": 3, "ex2_arithmetic_tests": 2, "ex3_nf4_tests"
 STUDENT_STUBS = 4 + 2 + 3 + 3 + 2 + 2  # solution regions: methods and functions
 
 
-@pytest.fixture(autouse=True)
-def one_thread(request):
-    """Small tensors: one thread (the machine is shared); the slow notebook runs keep the default."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; peft, bnb, bnbf: fixtures there too
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +105,7 @@ def test_exercise_cells_pass_quietly(exercises_ns):
     assert out.count("all visible checks passed") == len(EXERCISES)
 
 
-def test_lora_linear_equals_peft_and_qcore(exercises_ns):
-    peft = pytest.importorskip("peft")
+def test_lora_linear_equals_peft_and_qcore(exercises_ns, peft):
     LoRALinear = exercises_ns.ns["LoRALinear"]
     torch.manual_seed(0)
     probe = nn.Sequential()
@@ -163,11 +151,7 @@ def test_arithmetic_against_adapters_added_to_real_configs(exercises_ns):
     assert sum(full.values()) == 16 * 134_515_008
 
 
-def test_nf4_against_bitsandbytes_and_qcore(exercises_ns):
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bnbf = pytest.importorskip("bitsandbytes.functional")
+def test_nf4_against_bitsandbytes_and_qcore(exercises_ns, bnbf):
     ns = exercises_ns.ns
     cb = ns["nf4_codebook_from_quantiles"]()
     assert torch.allclose(cb, bnbf.get_4bit_type("nf4", device="cpu"), rtol=0, atol=1e-6)
@@ -212,11 +196,7 @@ def test_double_quant_and_int4_against_qcore(exercises_ns):
         assert math.isclose(ns["sqnr"](w, w_hat), sqnr_db(w, w_hat), rel_tol=1e-9)
 
 
-def test_qlora_linear_against_qcore_and_bitsandbytes(exercises_ns):
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        bnb = pytest.importorskip("bitsandbytes")
+def test_qlora_linear_against_qcore_and_bitsandbytes(exercises_ns, bnb):
     QLoRALinear = exercises_ns.ns["QLoRALinear"]
     torch.manual_seed(0)
     lin = nn.Linear(256, 16)

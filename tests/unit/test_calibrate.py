@@ -16,21 +16,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # torch.ao.quantization is deprecated
     import torch.ao.quantization as tq
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"), pytest.mark.usefixtures("one_thread")]
 
 ALL = [MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, MSEObserver,
        EntropyObserver]
 HIST = [PercentileObserver, MSEObserver, EntropyObserver]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Run single-threaded: on a small, busy machine OpenMP threads wait on each other
-    (100x slowdowns seen on 2 cores), and these tensors are too small to gain from threads."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def batches(seed=0, n=4, shape=(64, 16)):

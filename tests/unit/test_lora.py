@@ -8,8 +8,6 @@ the NF4 weight is not kept alive for the backward pass.
 from __future__ import annotations
 
 import copy
-import logging
-import warnings
 
 import pytest
 import torch
@@ -21,31 +19,7 @@ from qcore.nf4 import dequantize_nf4, quantize_nf4
 from qcore.zoo.causal_lm import tiny_causal_lm
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny layers: a second thread costs more than it saves (and the machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def peft():
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module")
-def bnb():
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py; peft, bnb: fixtures there too
 
 
 def _peft_layers(model) -> dict:

@@ -1,8 +1,6 @@
 """Tests of qcore.nf4: bitsandbytes as the oracle, plus properties of the NF4 round trip."""
 from __future__ import annotations
 
-import logging
-import warnings
 
 import numpy as np
 import pytest
@@ -17,15 +15,6 @@ from qcore.quant import PerGroup, choose_qparams, dequantize, mse, quantize, unp
 
 CB = nf4_codebook()
 MAX_HALF_GAP = ((CB[1:] - CB[:-1]) / 2).max().item()  # worst rounding error on the [-1, 1] grid
-
-
-@pytest.fixture(scope="module")
-def bnbf():
-    """bitsandbytes.functional, with its import-time note about the `kernels` package muted."""
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pytest.importorskip("bitsandbytes.functional")
 
 
 def _bnb_absmax(bnbf, state) -> torch.Tensor:

@@ -19,17 +19,7 @@ TEXTS = ["Great fun.", "A dull, plodding and utterly forgettable mess of a film.
 LABELS = [1, 0, 1, 0, 1, 0, 0, 1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread_for_tiny_models(request):
-    """Fast tests run on one thread: for a 64-wide model, waking a second thread costs more
-    than the op (on shared cores, 100x). Slow tests keep torch's default."""
-    if request.node.get_closest_marker("slow"):
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
