@@ -276,7 +276,8 @@ def sentiment_logits(model, tokenizer, texts: list[str], batch_size: int = 16) -
     shared, cache_arg = _shared_prefix_length(prompts), _cache_argument(model)
     prefix_cache = None
     if shared:
-        prefix_out = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True)
+        prefix_out = model(input_ids=torch.tensor([prompts[0][:shared]], device=device), use_cache=True,
+                           logits_to_keep=1)  # only its cache is used
         prefix_cache = getattr(prefix_out, cache_arg)  # the output names it as the input does
     order = sorted(range(len(texts)), key=lambda i: len(prompts[i]))
     plan = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
