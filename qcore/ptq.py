@@ -14,6 +14,7 @@ Symmetric grids throughout (``zero_point = 0``, codes ``[-qmax, qmax]``, DESIGN.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Callable
 
 import torch
@@ -55,14 +56,59 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (codes.reshape(out, groups.shape[1], -1).to(torch.float32) * groups).reshape(out, n_in)
 
 
+# Products of int8 codes summed in float32 stay exact integers while the sum has at most this
+# many terms: 1040 * 127**2 = 16_774_160 < 2**24.
+EXACT_FLOAT32_TERMS = 2**24 // 127**2
+
+
+@functools.cache
+def int_mm_is_exact() -> bool:
+    """Whether ``torch._int_mm`` returns exact int32 sums on this CPU (probed once per process).
+
+    oneDNN's int8 kernels for CPUs without VNNI (AVX2 only, AVX-512 before Cascade Lake) add
+    pairs of u8 x s8 products in int16 with saturation (oneDNN, "Nuances of int8 computations"),
+    and return sums that are off by thousands; with VNNI or AMX they are exact. The probe is the
+    pattern that saturates those kernels for certain: every product ``127 * 127``.
+    """
+    try:
+        for m, k, n in ((1, 64, 8), (33, 1100, 16)):
+            a = torch.full((m, k), 127, dtype=torch.int8)
+            b = torch.full((k, n), 127, dtype=torch.int8)
+            b[:, 1::2] = -127
+            if not torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long()):
+                return False
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def int8_matmul_by_float32_slices(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact int8 ``a @ b`` from float32 matrix products over slices of ``K <= 1040`` columns.
+
+    Every partial sum of a slice is an integer of size at most ``1040 * 16129 < 2**24``, which
+    float32 holds exactly, so each slice is exact in any summation order, on any CPU; the slices
+    are added in int32.
+
+    Example:
+        >>> a = torch.full((1, 1041), 127, dtype=torch.int8)  # 1041 * 16129 > 2**24, and odd
+        >>> int8_matmul_by_float32_slices(a, a.t()).item() == 1041 * 127 * 127
+        True
+    """
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
+    for k in range(0, a.shape[1], EXACT_FLOAT32_TERMS):  # [M, <=1040] @ [<=1040, N] per slice
+        out += (a[:, k:k + EXACT_FLOAT32_TERMS].float() @ b[k:k + EXACT_FLOAT32_TERMS].float()).to(torch.int32)
+    return out
+
+
 def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ b`` of int8 matrices ``[M, K] @ [K, N]``, accumulated in int32.
+    """Exact ``a @ b`` of int8 matrices ``[M, K] @ [K, N]``, accumulated in int32, on every CPU.
 
     One product reaches ``127**2 = 16129``; a sum of K of them overflows int8 and int16 at
     once, so it is kept in int32 (exact while ``K < 2**31 / 16129``, about 133 000).
-    ``torch._int_mm`` (private; oneDNN on the CPU, cuBLASLt on CUDA) computes it; where it
-    refuses the shapes (CUDA: ``M <= 16``, or K, N not multiples of 8) the float64 product is
-    used: every partial sum is an integer below ``2**53``, so float64 holds it exactly.
+    ``torch._int_mm`` (private; oneDNN on the CPU, cuBLASLt on CUDA) computes it where it is exact:
+    on CUDA where it accepts the shapes (more than 16 rows, sizes multiples of 8; else the float64
+    product, exact below ``2**53``), on a CPU when :func:`int_mm_is_exact` (VNNI or AMX); other
+    CPUs get :func:`int8_matmul_by_float32_slices` (exact, slower).
 
     Example:
         >>> a = torch.full((1, 384), 127, dtype=torch.int8)
@@ -71,10 +117,17 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_matmul needs int8 inputs, got {a.dtype} and {b.dtype}")
-    try:
-        return torch._int_mm(a, b)
-    except (RuntimeError, NotImplementedError):
-        return (a.double() @ b.double()).to(torch.int32)
+    if a.is_cuda:
+        try:
+            return torch._int_mm(a, b)
+        except (RuntimeError, NotImplementedError):
+            return (a.double() @ b.double()).to(torch.int32)
+    if int_mm_is_exact():
+        try:
+            return torch._int_mm(a, b)
+        except (RuntimeError, NotImplementedError):
+            pass
+    return int8_matmul_by_float32_slices(a, b)
 
 
 def quantize_per_token(x: torch.Tensor, bits: int = 8):

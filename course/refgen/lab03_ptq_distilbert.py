@@ -15,12 +15,25 @@ import numpy as np
 import torch
 from torch import nn
 
+from qcore.course.refdata import init_linears_, randn
 from qcore.ptq import (QuantLinear, dequantize_weight, int8_linear, layer_sensitivity, most_sensitive,
                        quantize_per_token, quantize_weight)
 from qcore.smoothquant import calibrate, fold_smoothing, smoothing_factors
 
 LAB = "lab03_ptq_distilbert"
 SEED = 20240503
+
+
+# Results whose last bits may depend on the CPU (qcore.course.refdata): matrix products (float32
+# roundings ~ the reduction length) and what passes through GELU, LayerNorm and tanh. Codes,
+# scales, inputs and the exact integer sums (acc) are compared bit for bit.
+CPU_DEPENDENT = {
+    "weight_only": {"y*": 512},  # x @ w_hat.T, up to 384 terms
+    "dynamic": {"y*": 1024},  # int32 sums (exact) times scales, computed by a float kernel, up to 1,024 terms
+    "static": {"absmax.*": 64, "y*": 256},  # inputs seen behind GELU/LayerNorm; products of up to 128 terms
+    "smoothquant": {"s*": 8, "fold*_y*": 64},  # pow for the factors; LayerNorm + product of 8 terms
+    "sensitivity": {"damage": 256},  # a mean over 128 outputs of a 3-layer model
+}
 
 
 def _save(out_dir: Path, name: str, **arrays) -> None:
@@ -47,7 +60,7 @@ def weight_only_refs(gen: torch.Generator) -> dict:
              (7, 128, 8, 64, True), (3, 40, 8, 0, False), (4, 384, 4, 128, True), (2, 8, 2, 4, True)]
     out = {"n_cases": len(cases)}
     for i, (n_out, n_in, bits, group, has_bias) in enumerate(cases):
-        w = torch.randn(n_out, n_in, generator=gen) * 10.0 ** torch.randint(-3, 1, (n_out, 1), generator=gen)
+        w = randn(n_out, n_in, generator=gen) * 10.0 ** torch.randint(-3, 1, (n_out, 1), generator=gen)
         w[0] = 0.0  # an all-zero row: a finite, positive scale
         w[1, 3] = 40 * w[1].abs().max() + 1.0  # an outlier
         for _ in range(3):  # nudging can move a group's maximum: settle it
@@ -58,8 +71,8 @@ def weight_only_refs(gen: torch.Generator) -> dict:
             w[2, :4] = torch.tensor([qmax, 2.5, -2.5, 0.5])
             w[2, 4:(group or n_in)] = w[2, 4:(group or n_in)].clamp(-1.0, 1.0)
         codes, scale = quantize_weight(w, bits, group or None)
-        x = torch.randn(3, n_in, generator=gen)
-        bias = torch.randn(n_out, generator=gen) if has_bias else None
+        x = randn(3, n_in, generator=gen)
+        bias = randn(n_out, generator=gen) if has_bias else None
         y = torch.nn.functional.linear(x, dequantize_weight(codes, scale), bias)
         out.update({f"w{i}": _np(w), f"bits{i}": bits, f"group{i}": group, f"x{i}": _np(x),
                     f"bias{i}": _np(bias) if has_bias else np.zeros(0, np.float32), f"has_bias{i}": has_bias,
@@ -72,7 +85,7 @@ def dynamic_refs(gen: torch.Generator) -> dict:
     """Per-token quantization (tokens of very different sizes, a zero token, ties) and int8_linear
     on codes whose int32 sums are far beyond int8 and int16 (and below 2**24: exact in float32)."""
     out = {}
-    tok = torch.randn(40, 48, generator=gen) * 10.0 ** torch.randint(-4, 3, (40, 1), generator=gen)
+    tok = randn(40, 48, generator=gen) * 10.0 ** torch.randint(-4, 3, (40, 1), generator=gen)
     tok[5] = 0.0
     tok[6, :3] = torch.tensor([127.0, 2.5, -3.5])  # scale 1.0: exact ties
     tok[6, 3:] = tok[6, 3:].clamp(-1.0, 1.0)
@@ -98,7 +111,7 @@ def dynamic_refs(gen: torch.Generator) -> dict:
             qw = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
         sx = (torch.rand(t, 1, generator=gen) * 0.05 + 1e-3) if kind != "per-tensor" else torch.tensor(0.02)
         sw = torch.rand(n, 1, generator=gen) * 0.01 + 1e-4
-        bias = torch.randn(n, generator=gen) if has_bias else None
+        bias = randn(n, generator=gen) if has_bias else None
         y = int8_linear(qx, sx, qw, sw, bias)
         out.update({f"qx{i}": _np(qx), f"sx{i}": _np(sx), f"qw{i}": _np(qw), f"sw{i}": _np(sw),
                     f"bias{i}": _np(bias) if has_bias else np.zeros(0, np.float32), f"has_bias{i}": has_bias,
@@ -118,13 +131,12 @@ def static_model(state: dict | None = None) -> nn.Sequential:
 def static_refs(gen: torch.Generator) -> dict:
     """A small model, calibration batches (the maxima spread over all batches), their per-channel
     input maxima; then static W8A8 linear cases with inputs beyond the calibrated range."""
-    torch.manual_seed(SEED)
-    model = static_model()
+    model = init_linears_(static_model(), torch.Generator().manual_seed(SEED))
     with torch.no_grad():
         model[3].weight.mul_(torch.rand(5, generator=gen) + 0.5)
-        model[3].bias.add_(torch.randn(5, generator=gen))
+        model[3].bias.add_(randn(5, generator=gen))
     shapes = [(2, 4, 6), (1, 7, 6), (3, 2, 6), (2, 5, 6)]
-    batches = [torch.randn(*s, generator=gen) * (1 + 3 * torch.rand(6, generator=gen)) for s in shapes]
+    batches = [randn(*s, generator=gen) * (1 + 3 * torch.rand(6, generator=gen)) for s in shapes]
     batches[1][0, 2, 1] = -25.0  # a negative extreme, in the second batch
     absmax = calibrate(model, ["0", "2", "4"], lambda m: [m(b) for b in batches])
     out = {f"state.{k}": _np(v) for k, v in model.state_dict().items()}
@@ -134,11 +146,11 @@ def static_refs(gen: torch.Generator) -> dict:
     cases = [(6, 32, 5, 0.05, True), (1, 16, 3, 0.01, True), (9, 64, 7, 0.2, False), (4, 128, 4, 0.003, True)]
     out["n_cases"] = len(cases)
     for i, (t, k, n, sx, has_bias) in enumerate(cases):
-        x = torch.randn(t, k, generator=gen) * sx * 130  # about a third of the values beyond 127 * sx
+        x = randn(t, k, generator=gen) * sx * 130  # about a third of the values beyond 127 * sx
         x[0, :3] = torch.tensor([127.0, 400.0, -1000.0]) * sx
         qw = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
         sw = torch.rand(n, 1, generator=gen) * 0.01 + 1e-4
-        bias = torch.randn(n, generator=gen) if has_bias else None
+        bias = randn(n, generator=gen) if has_bias else None
         r = x / sx
         x = torch.where(((r - torch.floor(r)) - 0.5).abs() < 1e-3, x * 0.999, x)
         qx = torch.round(x / torch.tensor(sx)).clamp(-127, 127).to(torch.int8)
@@ -160,7 +172,7 @@ def smoothquant_refs(gen: torch.Generator) -> dict:
         act = torch.rand(n_in, generator=gen) * 10.0 ** torch.randint(-1, 2, (n_in,), generator=gen)
         act[0] = 30.0
         act[-1] = 0.0  # a channel never seen non-zero
-        weights = [torch.randn(o, n_in, generator=gen) * 0.1 for o in outs]
+        weights = [randn(o, n_in, generator=gen) * 0.1 for o in outs]
         weights[0][:, 1] = 0.0  # a dead input column
         if len(weights) > 1:
             weights[-1][0, 2] = 5.0  # this column's maximum sits in another weight than the first
@@ -174,11 +186,11 @@ def smoothquant_refs(gen: torch.Generator) -> dict:
         linears = [nn.Linear(d, o) for o in outs]
         with torch.no_grad():
             ln.weight.copy_(torch.rand(d, generator=gen) + 0.5)
-            ln.bias.copy_(torch.randn(d, generator=gen))
+            ln.bias.copy_(randn(d, generator=gen))
             for lin in linears:
-                lin.weight.copy_(torch.randn(o := lin.out_features, d, generator=gen) * 0.2)
-                lin.bias.copy_(torch.randn(o, generator=gen))
-        x = torch.randn(4, d, generator=gen) * 3
+                lin.weight.copy_(randn(o := lin.out_features, d, generator=gen) * 0.2)
+                lin.bias.copy_(randn(o, generator=gen))
+        x = randn(4, d, generator=gen) * 3
         s = torch.rand(d, generator=gen) * 4 + 0.1
         before = {f"fold{i}_ln_weight": _np(ln.weight), f"fold{i}_ln_bias": _np(ln.bias)}
         for j, lin in enumerate(linears):
@@ -206,12 +218,11 @@ def sensitivity_model(state: dict | None = None) -> nn.Sequential:
 
 def sensitivity_refs(gen: torch.Generator) -> dict:
     """Per-layer damage of 4-bit per-group quantization on a small model, and rankings."""
-    torch.manual_seed(SEED + 5)
-    model = sensitivity_model()
+    model = init_linears_(sensitivity_model(), torch.Generator().manual_seed(SEED + 5))
     with torch.no_grad():  # outliers: one weight in every group of 4 is 8 times too large
         model[1].weight[:, ::4].mul_(8.0)
         model[3].weight[:, 1::8].mul_(4.0)
-    x = torch.randn(32, 8, generator=gen)
+    x = randn(32, 8, generator=gen)
     with torch.no_grad():
         ref = model(x)
     names = ["0.0", "1", "3"]

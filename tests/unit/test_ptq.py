@@ -1,6 +1,7 @@
 """qcore.ptq and qcore.smoothquant: oracles (torch's fake-quantize functions and observers, exact
 integer arithmetic, torch.ao), function preservation, and model conversion on small DistilBERTs."""
 import copy
+import os
 import warnings
 
 import pytest
@@ -8,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcore import ptq
 from qcore.measure import size_on_disk
 from qcore.ptq import (SCHEMES, Int8Linear, QuantEmbedding, QuantLinear, dequantize_weight, int8_linear,
-                       int8_matmul, layer_sensitivity, linear_names, logit_damage, most_sensitive,
+                       int8_matmul, int8_matmul_by_float32_slices, layer_sensitivity, linear_names, logit_damage, most_sensitive,
                        quantize_linear, quantize_model, quantize_per_token, quantize_weight)
 from qcore.quant import MIN_SCALE, PerChannel, PerGroup, choose_qparams, fake_quantize
 from qcore.smoothquant import (calibrate, fold_smoothing, smooth_linear, smoothing_factors, smoothquant_factors,
@@ -113,18 +115,55 @@ def test_int8_matmul_is_exact(m, k, n):
     assert got[0, 0].item() == k * 127 * 127
 
 
-def test_int8_matmul_fallback_is_exact(monkeypatch):
+def test_float32_slices_are_exact_where_one_float32_product_rounds():
+    """1041 * 127**2 = 16_790_289 is odd and above 2**24: one float32 product rounds it, the
+    slices of 1040 columns do not."""
+    a = torch.full((2, 1041), 127, dtype=torch.int8)
+    b = torch.full((1041, 3), 127, dtype=torch.int8)
+    b[0, 1] = -127
+    assert (a.float() @ b.float())[0, 0].item() != 1041 * 16129  # the oracle can tell
+    got = int8_matmul_by_float32_slices(a, b)
+    assert got.dtype == torch.int32 and torch.equal(got.long(), a.long() @ b.long())
+    a = torch.full((2, 5000), -127, dtype=torch.int8)  # 8.1e7: five slices
+    b = torch.full((5000, 3), 127, dtype=torch.int8)
+    b[0, 1] = 126
+    got = int8_matmul_by_float32_slices(a, b)
+    assert torch.equal(got.long(), a.long() @ b.long()) and got[0, 1].item() == -(4999 * 16129 + 127 * 126)
+
+
+def test_int8_matmul_falls_back_when_int_mm_refuses_or_is_inexact(monkeypatch):
     def refuse(*_a):
         raise RuntimeError("shape not supported")
 
+    a = torch.full((3, 2000), 127, dtype=torch.int8)
     monkeypatch.setattr(torch, "_int_mm", refuse)
-    a = torch.full((2, 5000), -127, dtype=torch.int8)  # 8.1e7: beyond float32's exact integers
-    b = torch.full((5000, 3), 127, dtype=torch.int8)
-    b[0, 1] = 126
-    got = int8_matmul(a, b)
-    assert torch.equal(got.long(), a.long() @ b.long()) and got[0, 1].item() == -(4999 * 16129 + 127 * 126)
+    assert torch.equal(int8_matmul(a, a.t()).long(), a.long() @ a.long().t())
+    monkeypatch.setattr(torch, "_int_mm", lambda x, y: torch.zeros(x.shape[0], y.shape[1], dtype=torch.int32))
+    monkeypatch.setattr(ptq, "int_mm_is_exact", lambda: False)
+    assert torch.equal(int8_matmul(a, a.t()).long(), a.long() @ a.long().t())
     with pytest.raises(TypeError):
-        int8_matmul(a.int(), b)
+        int8_matmul(a.int(), a.t())
+
+
+def test_int8_matmul_is_exact_where_onednn_int8_is_not():
+    """Under oneDNN's AVX2 kernels (a CPU without VNNI) torch._int_mm saturates: the probe sees it
+    and int8_matmul stays exact."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom qcore.ptq import int8_matmul, int_mm_is_exact\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "a = torch.randint(-127, 128, (33, 1536), generator=g).to(torch.int8)\n"
+            "b = torch.randint(-127, 128, (1536, 64), generator=g).to(torch.int8)\n"
+            "exact = a.long() @ b.long()\n"
+            "print(torch.equal(torch._int_mm(a, b).long(), exact), int_mm_is_exact(),"
+            " torch.equal(int8_matmul(a, b).long(), exact))\n")
+    res = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"},
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    int_mm_right, probe_says, ours_right = res.stdout.split()
+    assert ours_right == "True"
+    assert probe_says == int_mm_right, "the probe must tell a saturating torch._int_mm from an exact one"
 
 
 def test_int8_matmul_differs_from_int8_accumulation():
