@@ -47,7 +47,7 @@ from torch import nn
 
 from qcore.assets import AssetError
 from qcore.measure import describe_device, interleaved_latency, size_on_disk
-from qcore.ptq import Int8Linear, QuantLinear, linear_names, logit_damage, quantize_model
+from qcore.ptq import Int8Linear, QuantLinear, int_mm_is_exact, linear_names, logit_damage, quantize_model
 from qcore.ptq import layer_sensitivity as qcore_layer_sensitivity
 from qcore.ptq import most_sensitive as qcore_most_sensitive
 from qcore.quant import PerChannel, PerGroup, choose_qparams, fake_quantize, sqnr_db
@@ -321,14 +321,18 @@ a8 = torch.full((1, 384), 100, dtype=torch.int8)
 b8 = torch.full((384, 1), 100, dtype=torch.int8)
 print("int8 @ int8 stays int8:", (a8 @ b8).item(), "   in int32:", (a8.to(torch.int32) @ b8.to(torch.int32)).item(),
       "   exact:", 384 * 100 * 100)
-print("torch._int_mm (int8 x int8 -> int32, PyTorch's kernel):", torch._int_mm(a8, b8).item())
+print("torch._int_mm (int8 x int8 -> int32, PyTorch's kernel):", torch._int_mm(a8, b8).item(),
+      "   exact on this CPU:", int_mm_is_exact())
 
 # %% [markdown]
 # `torch._int_mm` is a private PyTorch function (int8 inputs, int32 result; oneDNN on the CPU,
-# cuBLASLt on CUDA, where it wants more than 16 rows and sizes that are multiples of 8).
-# `qcore.ptq.int8_matmul` calls it and falls back to an exact emulation in float64 where it refuses
-# the shapes: every partial sum is an integer below `2**53`, which float64 holds exactly (float32
-# holds integers exactly only up to `2**24 = 16.8` million).
+# cuBLASLt on CUDA, where it wants more than 16 rows and sizes that are multiples of 8). It is
+# exact only where the hardware multiplies into int32: on CPUs without VNNI (AVX2 only, AVX-512
+# before Cascade Lake) oneDNN adds pairs of products in int16 *with saturation*, and this very cell
+# prints 1376064 instead of 3840000 (measured with `ONEDNN_MAX_CPU_ISA=AVX2`, which makes oneDNN
+# use those kernels). `qcore.ptq.int8_matmul` therefore probes it once (`int_mm_is_exact()`) and
+# otherwise sums float32 products over slices of 1040 columns: every partial sum is then an integer
+# below `2**24 = 16.8` million, which float32 holds exactly, whatever the summation order.
 #
 # ### Exercise 2: dynamic W8A8 (3 points)
 #
@@ -338,7 +342,7 @@ print("torch._int_mm (int8 x int8 -> int32, PyTorch's kernel):", torch._int_mm(a
 #   wider), then `* sx * sw.T`, plus the bias when it is not `None`, as float32 `[T, out]`. `sx` is
 #   `[T, 1]` or a single number (Exercise 3 uses one scale for all tokens); `sw` is `[out, 1]`.
 #
-# `qx.to(torch.int32) @ qw.to(torch.int32).T` is exact and fine here; `torch._int_mm` is faster.
+# `qx.to(torch.int32) @ qw.to(torch.int32).T` is exact and fine here (and on every CPU).
 # The grader blocks `qcore.ptq` and `qcore.quant`.
 
 # %% solution="ex2_dynamic_w8a8"
@@ -1172,7 +1176,8 @@ for text, ok in targets:
 #   one FP32 scale per row); 4 bits take it to about a fifth, where the int8 embeddings are most
 #   of what is left. `torch.ao` converts the linear layers only and ends near two thirds.
 # * **Latency** depends on kernels, not on bits. W8A8 runs its matrix products on int8 units
-#   (`torch._int_mm`; this CPU has AMX), but pays in plain PyTorch for quantizing its input and
+#   (`torch._int_mm` where it is exact; without VNNI qcore's exact fallback is slower than FP32), but
+#   pays in plain PyTorch for quantizing its input and
 #   rescaling its output, elementwise passes that a fused kernel would hide: on a quiet CPU it beats
 #   FP32 in the large batch. Weight-only layers dequantize the whole weight in every call and then
 #   run a float product: slower than FP32 on a CPU, most of all for one sentence, where the

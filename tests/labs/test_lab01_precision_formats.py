@@ -3,6 +3,10 @@ typical wrong solutions (each must be rejected, by the whole test cell and by it
 
 The master is read with ``load_master`` and run cell by cell in a namespace that plays
 ``__main__`` (as a kernel's does, so that ``qcore.checks.forbid`` patches the notebook's names).
+
+Across CPUs (docs/numerics-across-cpus.md): every hidden comparison of this lab is exact (bit fields,
+NaN payloads, rounded BF16 bits, values built from fields) except the format limits and model bytes
+(``rel_tol=1e-12``: float64 products a student may take in another order).
 """
 from __future__ import annotations
 

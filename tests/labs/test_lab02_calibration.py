@@ -6,6 +6,11 @@ The master is read with ``load_master`` and run cell by cell in a namespace that
 ``__main__`` (as a kernel's does, so that ``qcore.checks.forbid`` patches the notebook's names).
 The notebook runs as under the grader (``NBGRADER_EXECUTION``: fewer calibration sentences), and the
 sentiment model is loaded once for the whole module.
+
+Across CPUs (docs/numerics-across-cpus.md): codes, zero-points, grids and packed bytes are compared
+exactly (the references keep inputs 1e-3 of a step away from ties and plant exact ties); scales,
+dequantized values, MSE and percentiles within relative tolerances; the MSE search accepts any
+candidate within 1e-5 of the least MSE.
 """
 from __future__ import annotations
 

@@ -7,6 +7,12 @@ The master is read with ``load_master`` and run cell by cell in a namespace that
 ``__main__`` (as a kernel's does, so that ``qcore.checks.forbid`` patches the notebook's names).
 The notebook runs as under the grader (``NBGRADER_EXECUTION``: small evaluation subsets), and the
 sentiment model is loaded once for the whole module.
+
+Across CPUs (docs/numerics-across-cpus.md): codes (inputs kept from ties), rankings and "the model
+did not change" are exact; scales, layer outputs (matrix products), calibrated maxima (GELU,
+LayerNorm), smoothing factors (pow) and damages (means) within tolerances. W8A8 references are
+exact integer sums on every CPU (``qcore.ptq.int8_matmul`` does not trust a saturating
+``torch._int_mm``).
 """
 from __future__ import annotations
 

@@ -4,6 +4,11 @@ typical wrong solutions: each must be rejected by the whole test cell and by its
 
 The master runs cell by cell in a namespace that plays ``__main__`` (tests/labs/harness.py), as
 under the grader (``NBGRADER_EXECUTION``: a short experiment); the model is loaded once.
+
+Across CPUs (docs/numerics-across-cpus.md): STE values and masks, LSQ weight gradients, codes and
+batch counts are exact (elementwise); weight scales, ranges, outputs, gradients of products and the
+LSQ scale gradient (a sum) within tolerances. The converted model must equal the fake-quantized one
+exactly: both run in the grading process, on the same CPU, with the same dequantized weights.
 """
 from __future__ import annotations
 
