@@ -1160,7 +1160,11 @@ for text, ok in targets:
 # How to read the table (your run prints its own numbers; the mechanisms do not change):
 #
 # * **Accuracy** hardly moves for any 8-bit scheme: the differences are a few sentences, within the
-#   noise. The distance from FP32 tells them apart. Weight-only int8 is nearly exact. Dynamic W8A8
+#   noise (one sentence is 0.1 point; the standard error of an accuracy near 0.85 on 1008 sentences
+#   is about 1.1 points). The 0.5-point target is below that noise: whether a run meets it is a
+#   matter of a few sentences, and it can differ between machines: `make setup` fine-tunes the model
+#   on yours, and float sums taken in another order give slightly other weights. The distance from
+#   FP32 tells the schemes apart. Weight-only int8 is nearly exact. Dynamic W8A8
 #   comes next. Static W8A8 is more than ten times further away: one fixed scale per layer must
 #   cover the outliers on `[CLS]`, so every other token gets coarse steps. SmoothQuant wins most of
 #   that back. At 4 bits the damage is larger, and keeping the six most sensitive layers in int8
@@ -1180,12 +1184,13 @@ for text, ok in targets:
 #   pays in plain PyTorch for quantizing its input and
 #   rescaling its output, elementwise passes that a fused kernel would hide: on a quiet CPU it beats
 #   FP32 in the large batch. Weight-only layers dequantize the whole weight in every call and then
-#   run a float product: slower than FP32 on a CPU, most of all for one sentence, where the
-#   dequantization is most of the work. Real W4A16 kernels (Marlin, torchao's int4 on CUDA)
+#   run a float product: no faster than FP32 on a CPU, and W4A16 (which also unpacks) slower, most
+#   of all for one sentence, where the dequantization is most of the work. Real W4A16 kernels (Marlin, torchao's int4 on CUDA)
 #   dequantize inside the matrix product and win on GPUs, where reading the weights from memory is
-#   the bottleneck. BF16 is fast here because this CPU has AMX-BF16 units
-#   (`torch.backends.cpu.get_cpu_capability()` says what yours has); on CPUs without them BF16 and
-#   FP16 matrix products are several times *slower* than FP32.
+#   the bottleneck. BF16 and FP16 are fast only on CPUs with matrix instructions for them
+#   (AMX-BF16 on Intel Xeons since Sapphire Rapids, AVX512-BF16 on AMD Zen 4: BF16 only); without
+#   them they are several times *slower* than FP32. The FP16 and BF16 rows of your table say which
+#   your CPU has.
 # * The CPU is shared: the latencies move from run to run (the speed ratios less, since the models
 #   take turns). Trust a ratio measured in one run over two numbers from two runs.
 # * On a GPU (Colab) these reference layers are *slower* than FP16/BF16: each is a handful of
