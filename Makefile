@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 LAB_ARGS ?=
 
-.PHONY: setup assets sandbox-tools browser-tools lab test test-fast bench demo clean-venv
+.PHONY: setup assets sandbox-tools browser-tools lab test test-fast test-other-kernels bench demo clean-venv
 
 # The virtual environment, rebuilt when the lock or the package metadata changes.
 $(STAMP): requirements.lock pyproject.toml
@@ -46,6 +46,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
+
+# The fast suite as another CPU would run it: scalar ATen kernels and oneDNN's AVX2 kernels
+# (docs/numerics-across-cpus.md); `make test` already regenerates the references and grades the
+# solutions under both.
+test-other-kernels: setup
+	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m "not slow" qcore tests/unit tests/labs tests/zoo
 
 # Both tables print even when one misses a target; the exit status says whether all were met.
 bench: setup
