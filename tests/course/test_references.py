@@ -110,6 +110,8 @@ def test_the_comparison_fails_where_it_must(tmp_path):
     assert "beyond" in compare_references(tmp_path / "b", tmp_path / "a", rule)[0]
     assert compare_arrays(np.array([np.nan, 1.0]), np.array([np.nan, 1.0]), None) is None
     assert compare_arrays(np.array([np.nan, 1.0]), np.array([1.0, 1.0]), 64) is not None
+    assert compare_arrays(np.array([-np.inf, 1.0]), np.array([np.inf, 1.0]), 64) is not None  # inf: exactly
+    assert compare_arrays(np.array([np.inf, 1.1]), np.array([np.inf, 1.0]), 64) is not None  # not loosened by inf
 
 
 @pytest.mark.slow
