@@ -117,16 +117,13 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_matmul needs int8 inputs, got {a.dtype} and {b.dtype}")
-    if a.is_cuda:
-        try:
-            return torch._int_mm(a, b)
-        except (RuntimeError, NotImplementedError):
-            return (a.double() @ b.double()).to(torch.int32)
-    if int_mm_is_exact():
+    if a.is_cuda or int_mm_is_exact():
         try:
             return torch._int_mm(a, b)
         except (RuntimeError, NotImplementedError):
             pass
+    if a.is_cuda:  # float64, not the slices: TF32, when enabled, would round a float32 product
+        return (a.double() @ b.double()).to(torch.int32)
     return int8_matmul_by_float32_slices(a, b)
 
 

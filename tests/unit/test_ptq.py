@@ -12,8 +12,8 @@ from torch import nn
 from qcore import ptq
 from qcore.measure import size_on_disk
 from qcore.ptq import (SCHEMES, Int8Linear, QuantEmbedding, QuantLinear, dequantize_weight, int8_linear,
-                       int8_matmul, int8_matmul_by_float32_slices, layer_sensitivity, linear_names, logit_damage, most_sensitive,
-                       quantize_linear, quantize_model, quantize_per_token, quantize_weight)
+                       int8_matmul, int8_matmul_by_float32_slices, layer_sensitivity, linear_names, logit_damage,
+                       most_sensitive, quantize_linear, quantize_model, quantize_per_token, quantize_weight)
 from qcore.quant import MIN_SCALE, PerChannel, PerGroup, choose_qparams, fake_quantize
 from qcore.smoothquant import (calibrate, fold_smoothing, smooth_linear, smoothing_factors, smoothquant_factors,
                                static_input_scales)
