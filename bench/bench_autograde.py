@@ -15,9 +15,9 @@ from pathlib import Path
 
 import nbformat
 
-from qcore.course.autograde import autograde
-from qcore.course.build import COURSE, REPO
-from qcore.course.master import find_masters, load_master
+from qcourse.autograde import autograde
+from qcourse.build import COURSE, REPO
+from qcourse.master import find_masters, load_master
 
 
 def scratch_course(dest: Path) -> Path:

@@ -4,7 +4,7 @@ import os
 from nbgrader.preprocessors import GetGrades
 from nbconvert.preprocessors import CSSHTMLHeaderPreprocessor
 
-from qcore.course.feedback import HideHiddenTests
+from qcourse.feedback import HideHiddenTests
 
 c = get_config()  # noqa: F821 (provided by traitlets when nbgrader loads this file)
 root = os.path.dirname(os.path.abspath(__file__))
@@ -30,7 +30,7 @@ c.GenerateFeedback.preprocessors = [GetGrades, HideHiddenTests, CSSHTMLHeaderPre
 c.LimitOutput.max_lines = 500
 c.LimitOutput.max_traceback = 50
 
-# Each submission's kernel runs boxed (qcore/course/sandbox.py): bubblewrap where present, with
+# Each submission's kernel runs boxed (qcourse/sandbox.py): bubblewrap where present, with
 # these limits; nbgrader's own per-cell timeout is c.Execute.timeout above.
 c.QCourseSandbox.memory_mb = 6144
 c.QCourseSandbox.cpu_seconds = 900
@@ -42,6 +42,6 @@ c.QCourseSandbox.wall_seconds = 900
 c.KernelManager.transport = "ipc"
 
 # Which cell is running, so that a cell that kills the kernel can be skipped and the rest graded.
-from qcore.course.sandbox import record_cell_start  # noqa: E402
+from qcourse.sandbox import record_cell_start  # noqa: E402
 
 c.Execute.on_cell_start = record_cell_start

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcore.course.refdata import randn
+from qcourse.refdata import randn
 from qcore.formats import BF16, FP16, FP32, FloatFormat, compose, decompose, memory_bytes, round_to_format
 
 LAB = "lab01_precision_formats"
@@ -24,7 +24,7 @@ SEED = 20240501
 REBUILD_LAYOUTS = [(8, 23), (5, 10), (8, 7), (5, 2), (2, 1), (3, 4), (4, 3), (6, 9), (7, 15), (8, 1)]
 
 
-# Results whose last bits may depend on the CPU (see qcore.course.refdata): none. Every value of
+# Results whose last bits may depend on the CPU (see qcourse.refdata): none. Every value of
 # this lab comes from bit operations, exact powers of two and exact arithmetic on them, so a
 # regenerated file must be bit-identical on any machine.
 CPU_DEPENDENT: dict[str, dict[str, int]] = {}

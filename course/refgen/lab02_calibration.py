@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcore.course.refdata import randn
+from qcourse.refdata import randn
 from qcore.quant import (PerChannel, PerGroup, choose_qparams, fake_quantize, mse, pack_int4,
                          qparams_from_range, qrange, quantize, dequantize, sqnr_db)
 
@@ -22,7 +22,7 @@ SEED = 20240502
 BITS = [2, 3, 4, 5, 8, 12, 16]
 
 
-# Results whose last bits may depend on the CPU (qcore.course.refdata): means over the data
+# Results whose last bits may depend on the CPU (qcourse.refdata): means over the data
 # (float32 roundings ~ the number of elements averaged). Codes, scales, zero-points, percentiles
 # (sorting and one interpolation) and dequantized values are exact and compared bit for bit.
 CPU_DEPENDENT = {

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcore.course.refdata import init_linears_, randn
+from qcourse.refdata import init_linears_, randn
 from qcore.ptq import (QuantLinear, dequantize_weight, int8_linear, layer_sensitivity, most_sensitive,
                        quantize_per_token, quantize_weight)
 from qcore.smoothquant import calibrate, fold_smoothing, smoothing_factors
@@ -24,7 +24,7 @@ LAB = "lab03_ptq_distilbert"
 SEED = 20240503
 
 
-# Results whose last bits may depend on the CPU (qcore.course.refdata): matrix products (float32
+# Results whose last bits may depend on the CPU (qcourse.refdata): matrix products (float32
 # roundings ~ the reduction length) and what passes through GELU, LayerNorm and tanh. Codes,
 # scales, inputs and the exact integer sums (acc) are compared bit for bit.
 CPU_DEPENDENT = {

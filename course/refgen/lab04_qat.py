@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcore.course.refdata import init_linears_, randn
+from qcourse.refdata import init_linears_, randn
 from qcore.qat import FakeQuantLinear, convert, fake_quantize_ste, freeze_observers, lsq_fake_quantize, prepare_qat
 
 LAB = "lab04_qat"
 SEED = 20240504
 
 
-# Results whose last bits may depend on the CPU (qcore.course.refdata): outputs and gradients of
+# Results whose last bits may depend on the CPU (qcourse.refdata): outputs and gradients of
 # linear layers (float32 roundings ~ the reduction length), the LSQ scale gradient (a sum over the
 # weights) and a small model's output. STE values and masks, codes and scales are exact.
 CPU_DEPENDENT = {

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcore.course.refdata import linspace, randn
+from qcourse.refdata import linspace, randn
 from qcore import lora
 from qcore.nf4 import _dequantize_absmax, _midpoints, _quantize_absmax, dequantize_nf4, nf4_codebook, quantize_nf4
 from qcore.quant import PerGroup, choose_qparams, fake_quantize, sqnr_db, unpack_int4
@@ -26,7 +26,7 @@ SEED = 20240505
 LINEARS = lora.LLAMA_LINEARS
 
 
-# Results whose last bits may depend on the CPU (qcore.course.refdata): layer outputs and merged
+# Results whose last bits may depend on the CPU (qcourse.refdata): layer outputs and merged
 # weights (float32 roundings ~ the reduction length), the mean offset of double quantization,
 # SQNR (sums). NF4 and int8 codes, absmax values, scales and dequantized values are exact.
 CPU_DEPENDENT = {

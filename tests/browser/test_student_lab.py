@@ -20,8 +20,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qcore.course.lab import free_port
-from qcore.course.master import load_master
+from qcourse.lab import free_port
+from qcourse.master import load_master
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

@@ -8,10 +8,10 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qcore.course import build as build_mod
-from qcore.course.autograde import autograde
-from qcore.course.master import find_masters, load_master
-from qcore.course.submissions import collect
+from qcourse import build as build_mod
+from qcourse.autograde import autograde
+from qcourse.master import find_masters, load_master
+from qcourse.submissions import collect
 
 LAB = "lab01_precision_formats"
 HERE = Path(__file__).parent

@@ -9,11 +9,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from qcore.course import build as build_mod
-from qcore.course.autograde import autograde
-from qcore.course.lint import check_course, check_master
-from qcore.course.master import find_masters, load_master
-from qcore.course.submissions import collect
+from qcourse import build as build_mod
+from qcourse.autograde import autograde
+from qcourse.lint import check_course, check_master
+from qcourse.master import find_masters, load_master
+from qcourse.submissions import collect
 
 FIXTURE = Path(__file__).parent / "fixture"
 LAB = "lab00_tiny"

@@ -2,7 +2,7 @@
 
 The committed references were made on one machine and are read on others (the hidden tests,
 this file). What may differ from CPU to CPU is declared by each generator (``CPU_DEPENDENT``):
-float results of reductions and vectorized math, within ``qcore.course.refdata``'s bound; every
+float results of reductions and vectorized math, within ``qcourse.refdata``'s bound; every
 other array (inputs, codes, scales, exact results) must be bit-identical.
 
 A second CPU is simulated by torch's and oneDNN's kernel choices on this one. Measured on the
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qcore.course import build as build_mod
-from qcore.course.refdata import compare_arrays, compare_references
+from qcourse import build as build_mod
+from qcourse.refdata import compare_arrays, compare_references
 
 REFGEN = build_mod.COURSE / "refgen"
 REFERENCE = build_mod.COURSE / "reference"

@@ -4,8 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from qcore.course import sandbox
-from qcore.course.build import COURSE
+from qcourse import sandbox
+from qcourse.build import COURSE
 
 
 def test_limits_come_from_the_course_config():
@@ -15,7 +15,7 @@ def test_limits_come_from_the_course_config():
 
 def test_launcher_applies_the_limits(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "qcore.course.sandbox", "launch", "--cgroup", "qcourse-test-launch",
+        [sys.executable, "-m", "qcourse.sandbox", "launch", "--cgroup", "qcourse-test-launch",
          "--memory-mb", "2048", "--cpu-seconds", "77", "--processes", "32", "--file-mb", "5", "--",
          sys.executable, "-c", "import resource as r; print(r.getrlimit(r.RLIMIT_CPU)[0], r.getrlimit(r.RLIMIT_FSIZE)[0])"],
         capture_output=True, text=True, check=True)

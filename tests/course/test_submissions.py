@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from qcore.course.submissions import SubmissionError, collect, extract_zip, student_id
+from qcourse.submissions import SubmissionError, collect, extract_zip, student_id
 
 LAB = "lab01_precision_formats"
 

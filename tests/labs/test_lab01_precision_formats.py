@@ -30,7 +30,7 @@ from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions
 
 from harness import HIDDEN, Kernel, grade_id, role  # noqa: F401 (shared lab-test helpers)
 from qcore.checks import CheckFailed
-from qcore.course.master import load_master
+from qcourse.master import load_master
 from qcore.formats import FloatFormat, compose, memory_bytes
 
 matplotlib.use("Agg")

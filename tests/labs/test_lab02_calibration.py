@@ -37,7 +37,7 @@ import qcore.zoo
 from harness import HIDDEN, Kernel, grade_id, role  # noqa: F401 (shared lab-test helpers)
 from qcore.calibrate import MSEObserver
 from qcore.checks import CheckFailed
-from qcore.course.master import load_master
+from qcourse.master import load_master
 from qcore.quant import (PerChannel, PerGroup, choose_qparams, fake_quantize, mse, pack_int4,
                          qparams_from_range, qrange, sqnr_db)
 

@@ -35,7 +35,7 @@ import qcore.zoo
 from harness import HIDDEN, Kernel, grade_id, role  # noqa: F401 (shared lab-test helpers)
 from qcore import ptq, smoothquant
 from qcore.checks import CheckFailed
-from qcore.course.master import load_master
+from qcourse.master import load_master
 from qcore.quant import PerChannel, PerGroup, choose_qparams, fake_quantize
 
 matplotlib.use("Agg")

@@ -31,7 +31,7 @@ from torch import nn
 import qcore.zoo
 from qcore import qat
 from qcore.checks import CheckFailed
-from qcore.course.master import load_master
+from qcourse.master import load_master
 
 sys.path.insert(0, str(Path(__file__).parent))
 from harness import HIDDEN, Kernel, grade_id, role  # noqa: E402

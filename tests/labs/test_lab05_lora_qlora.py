@@ -32,7 +32,7 @@ from torch import nn
 from harness import HIDDEN, Kernel, grade_id, role
 from qcore import lora
 from qcore.checks import CheckFailed
-from qcore.course.master import load_master
+from qcourse.master import load_master
 from qcore.nf4 import _quantize_absmax, bits_per_param, dequantize_nf4, nf4_codebook, quantize_nf4
 from qcore.quant import PerGroup, choose_qparams, fake_quantize, sqnr_db, unpack_int4
 from qcore.zoo.causal_lm import tiny_causal_lm

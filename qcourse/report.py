@@ -10,7 +10,7 @@ def write_report(outcomes, lab: str, out_dir: Path, max_points: dict[str, float]
 
     Example:
         >>> import tempfile
-        >>> from qcore.course.autograde import Outcome
+        >>> from qcourse.autograde import Outcome
         >>> o = [Outcome("ann", "graded", 3, 4, {"ex1": 1, "ex2": 2}), Outcome("bo", "invalid", 0, 4, {"ex1": 0, "ex2": 0}, "bad")]
         >>> p = write_report(o, "lab00", Path(tempfile.mkdtemp()), {"ex1": 1, "ex2": 3})
         >>> "| ex1 | 1/2 |" in p.read_text(), "| ex2 | 0/2 |" in p.read_text()

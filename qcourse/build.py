@@ -17,9 +17,9 @@ from pathlib import Path
 
 import nbformat
 
-from qcore.course.master import DEFAULT_QCORE_SOURCE, find_masters, load_master
+from qcourse.master import DEFAULT_QCORE_SOURCE, find_masters, load_master
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 COURSE = REPO / "course"
 
 

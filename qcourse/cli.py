@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import qcore
-from qcore.course.build import COURSE, REPO, BuildError, resolve_labs
+from qcourse.build import COURSE, REPO, BuildError, resolve_labs
 
 
 def _env(_args) -> int:
@@ -31,7 +31,7 @@ def _env(_args) -> int:
 
 
 def _build(args) -> int:
-    from qcore.course import build
+    from qcourse import build
 
     labs = resolve_labs(args.labs, args.course)
     source = args.qcore_source or os.environ.get("QCOURSE_QCORE_SOURCE") or build.DEFAULT_QCORE_SOURCE
@@ -46,7 +46,7 @@ def _build(args) -> int:
 
 
 def _check_masters(args) -> int:
-    from qcore.course.lint import check_course
+    from qcourse.lint import check_course
 
     problems = check_course(args.course, REPO / "labs")
     for p in problems:
@@ -79,7 +79,7 @@ def _lab_of(notebook: Path, lab: str | None, course: Path) -> str:
 
 
 def _validate(args) -> int:
-    from qcore.course.autograde import grade_one, prepare_assignment
+    from qcourse.autograde import grade_one, prepare_assignment
 
     notebook = Path(args.notebook)
     if not notebook.is_file():
@@ -91,7 +91,7 @@ def _validate(args) -> int:
         prepare_assignment(lab, args.course, template)
         outcome = grade_one(lab, "student", notebook, template, Path(tmp) / "work", course_root=args.course)
     print(f"{notebook.name} ({lab}): {outcome.status}" + (f" - {outcome.message}" if outcome.message else ""))
-    from qcore.course.master import exercises, find_masters, load_master
+    from qcourse.master import exercises, find_masters, load_master
 
     for ex in exercises(load_master(find_masters(args.course)[lab])):
         got = outcome.exercises.get(ex.grade_id, 0.0)
@@ -102,10 +102,10 @@ def _validate(args) -> int:
 
 
 def _autograde(args) -> int:
-    from qcore.course import submissions
-    from qcore.course.autograde import autograde
-    from qcore.course.master import exercises, find_masters, load_master
-    from qcore.course.report import write_report
+    from qcourse import submissions
+    from qcourse.autograde import autograde
+    from qcourse.master import exercises, find_masters, load_master
+    from qcourse.report import write_report
 
     lab = resolve_labs([args.lab], args.course)[0]
     src = Path(args.submissions)
@@ -119,7 +119,7 @@ def _autograde(args) -> int:
         outcomes = autograde(found, lab, jobs=args.jobs, force=args.force, course_root=args.course,
                              timeout=args.timeout)
     max_points = {e.grade_id: float(e.points) for e in exercises(load_master(find_masters(args.course)[lab]))}
-    from qcore.course.sandbox import mode
+    from qcourse.sandbox import mode
 
     if mode() != "bubblewrap":
         print("WARNING: bubblewrap is missing or refused here: submissions were graded with resource "
@@ -130,7 +130,7 @@ def _autograde(args) -> int:
 
 
 def _lab(args) -> int:
-    from qcore.course.lab import launch
+    from qcourse.lab import launch
 
     return launch(args.root, args.port, args.token)
 

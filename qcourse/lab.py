@@ -13,7 +13,7 @@ import socket
 import sys
 from pathlib import Path
 
-from qcore.course.build import REPO
+from qcourse.build import REPO
 
 HOST = "127.0.0.1"
 DEFAULT_PORT = 8888

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import nbformat
 
-from qcore.course.master import MasterError, find_masters, load_master
+from qcourse.master import MasterError, find_masters, load_master
 
 SOLUTION_MARKS = ("### BEGIN SOLUTION", "### END SOLUTION")
 HIDDEN_MARKS = ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")

@@ -5,7 +5,7 @@ real ``nbgrader autograde`` in a private course folder of its own (config, sourc
 a gradebook holding only the assignment): no submission sees another's files or grades, and a
 crash, hang or tamper stays inside its folder. The parent process then writes every outcome
 into the course gradebook, one at a time, and copies back the autograded notebook and its
-feedback (hidden tests removed, see ``qcore.course.feedback``).
+feedback (hidden tests removed, see ``qcourse.feedback``).
 
 Outcome of each student: ``graded`` (scores per exercise), ``invalid`` (not a notebook),
 ``timeout`` (the whole run exceeded its wall-time limit) or ``error`` (nbgrader failed).
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import nbformat
 
-from qcore.course import sandbox
-from qcore.course.build import COURSE, REPO, nbgrader, venv_env, write_notebook
-from qcore.course.sandbox import Limits
-from qcore.course.master import exercises, find_masters, load_master
+from qcourse import sandbox
+from qcourse.build import COURSE, REPO, nbgrader, venv_env, write_notebook
+from qcourse.sandbox import Limits
+from qcourse.master import exercises, find_masters, load_master
 
 COURSE_ID = "qcourse"
 

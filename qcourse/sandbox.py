@@ -3,7 +3,7 @@
 nbgrader itself runs outside (trusted); only the kernel that executes a submission is boxed.
 The kernel spec written into each submission's private folder starts::
 
-    python -m qcore.course.sandbox launch <limits> -- bwrap <mounts> -- python -m ipykernel_launcher -f ...
+    python -m qcourse.sandbox launch <limits> -- bwrap <mounts> -- python -m ipykernel_launcher -f ...
 
 ``launch`` puts itself in a cgroup of its own (process count and memory, where cgroups are
 writable), sets resource limits (CPU seconds, address space, file size), then becomes
@@ -103,7 +103,7 @@ def write_kernel_spec(work: Path, limits: Limits, mounts: list[tuple[str, Path]]
 
     Returns the environment variables that make jupyter (and so nbgrader) use it.
     """
-    launcher = [sys.executable, "-m", "qcore.course.sandbox", "launch", "--cgroup", cgroup,
+    launcher = [sys.executable, "-m", "qcourse.sandbox", "launch", "--cgroup", cgroup,
                 "--memory-mb", str(limits.memory_mb), "--cpu-seconds", str(limits.cpu_seconds),
                 "--processes", str(limits.processes), "--file-mb", str(limits.file_mb), "--"]
     box = bwrap_args(mounts) + ["--"] if bwrap_works() else []
@@ -176,7 +176,7 @@ def launch(argv: list[str]) -> None:
     import argparse
 
     sep = argv.index("--")
-    p = argparse.ArgumentParser(prog="qcore.course.sandbox launch")
+    p = argparse.ArgumentParser(prog="qcourse.sandbox launch")
     for name in ("--cgroup",):
         p.add_argument(name, required=True)
     for name in ("--memory-mb", "--cpu-seconds", "--processes", "--file-mb"):
