@@ -6,22 +6,22 @@ The model has SmolLM2-135M-Instruct's exact architecture (30 Llama blocks, 576 w
 3 key-value heads, vocabulary 49152, tied embedding) with random weights: time per step and memory
 do not depend on the values, and the lab's real weights (a 94 MB GGUF) cannot travel to the GPU
 machine the course was checked on. Accuracy needs the real model and data: run the lab with
-``FULL_RUN = True`` for it. The batches have the lab's shape: 8 prompts of 80 tokens, the loss on
-the last token only. Compute in bf16 (the lab's GPU policy); adapters in FP32.
+``FULL_RUN = True`` for it. The batches have the lab's shape (8 prompts of 80 tokens) and go through
+the lab's loop and loss: ``qcore.train.train`` with ``answer_loss`` (the label word at the last
+token), AdamW at a constant rate, no clipping. Compute in bf16 (the lab's GPU policy); adapters in FP32.
 """
 from __future__ import annotations
 
 import json
 import statistics
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 from qcore import lora
 from qcore.measure import describe_device, parameter_bytes
-from qcore.train import compute_dtype
+from qcore.train import compute_dtype, train
+from qcore.zoo.prompted_sentiment import answer_loss
 
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -42,33 +42,23 @@ def build(mode: str, dtype: torch.dtype):
 
 def measure(mode: str, batch: int = 8, tokens: int = 80, warmup: int = 3, steps: int = 12) -> dict:
     dtype = compute_dtype("cuda")
-    model = build(mode, dtype).train()
+    model = build(mode, dtype)
     trainable, total = lora.count_parameters(model)
     weights = parameter_bytes(model)["total"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator(device="cuda").manual_seed(0)
     ids = torch.randint(0, 49152, (batch, tokens), device="cuda", generator=g)
-    target = torch.randint(0, 49152, (batch,), device="cuda", generator=g)
+    one = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+           "targets": torch.randint(0, 49152, (batch,), device="cuda", generator=g)}
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]
-        loss = F.cross_entropy(logits.float(), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - start)
+    run = train(model, [one] * (warmup + steps), answer_loss, lr=1e-4, decay=False, clip=None, desc=mode)
     peak = torch.cuda.max_memory_allocated() - before
-    del model, opt
+    del model
     torch.cuda.empty_cache()
     return {"mode": mode, "dtype": str(dtype), "trainable": trainable, "total": total, "weights_mb": weights / 1e6,
-            "peak_extra_mb": peak / 1e6, "step_ms": 1e3 * statistics.median(times), "batch": batch, "tokens": tokens}
+            "peak_extra_mb": peak / 1e6, "step_ms": 1e3 * statistics.median(run.seconds[warmup:]),
+            "batch": batch, "tokens": tokens}
 
 
 def main() -> int:

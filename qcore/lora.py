@@ -12,11 +12,8 @@ and the adapter costs nothing at inference. Names and initialisation are ``peft`
 (``lora_A`` / ``lora_B``, ``kaiming_uniform_(a=sqrt(5))``), so with the same ``A`` and ``B``
 the two give the same outputs.
 
-QLoRA freezes the base in 4-bit NormalFloat (``qcore.nf4``, block-wise, optionally double
-quantized) and trains the same adapters in full precision. ``NF4Linear`` dequantizes its weight
-in the forward *and again in the backward* (a custom autograd function), so no dequantized
-weight is kept alive between the two: that is where QLoRA's memory saving during training
-comes from.
+QLoRA freezes the base in 4-bit NormalFloat (``qcore.layers.NF4Linear``: block-wise, optionally
+double quantized) and trains the same adapters in full precision.
 """
 from __future__ import annotations
 
@@ -27,108 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qcore.nf4 import NF4State, dequantize_nf4, nf4_codebook, quantize_nf4
+from qcore.layers import NF4Linear
 
-__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear", "add_lora", "merge_lora", "quantize_nf4_model",
+__all__ = ["LoRALinear", "QLoRALinear", "add_lora", "merge_lora", "quantize_nf4_model",
            "count_parameters", "LLAMA_LINEARS"]
 
 # The linear layers of a Llama (SmolLM2) block: attention, then the gated MLP.
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-_BYTE_TABLES: dict = {}
-
-
-def _byte_table(device) -> torch.Tensor:
-    """``[256, 2]``: the codebook values of a packed byte's high and low nibble."""
-    key = str(device)
-    if key not in _BYTE_TABLES:
-        cb = nf4_codebook()
-        _BYTE_TABLES[key] = torch.stack([cb.repeat_interleave(16), cb.repeat(16)], dim=1).to(device)
-    return _BYTE_TABLES[key]
-
-
-class _NF4Matmul(torch.autograd.Function):
-    """``x @ dequantize(W).T``, with ``W`` dequantized again in the backward instead of saved."""
-
-    @staticmethod
-    def forward(ctx, x, layer):
-        ctx.layer = layer
-        return F.linear(x, layer.weight_hat(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # d(x @ W.T)/dx = grad_out @ W; the frozen W gets no gradient.
-        return grad_out @ ctx.layer.weight_hat(grad_out.dtype), None
-
-
-class NF4Linear(nn.Module):
-    """A frozen linear layer whose weight is stored as block-wise NF4 codes (``qcore.nf4``).
-
-    Buffers: ``packed`` uint8 ``[ceil(out * in / 2)]``, the per-block absmax (float32, or 8-bit
-    codes with their scales and offset when ``double_quant``) and the bias (if any). Nothing is
-    trainable. Memory per weight: ``nf4.bits_per_param`` (4.5 bits, 4.127 double-quantized).
-
-    Example:
-        >>> lin = nn.Linear(64, 8)
-        >>> q = NF4Linear.from_linear(lin, block_size=64, double_quant=True)
-        >>> q.packed.dtype, q.packed.numel(), sum(p.numel() for p in q.parameters())
-        (torch.uint8, 256, 0)
-        >>> (q(torch.randn(2, 64)) - lin(torch.randn(2, 64))).shape
-        torch.Size([2, 8])
-    """
-
-    def __init__(self, packed: torch.Tensor, state: NF4State, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = state.shape
-        self.block_size, self.dtype = state.block_size, state.dtype
-        self.register_buffer("packed", packed)
-        for name in ("absmax", "absmax_codes", "absmax_scale", "absmax_offset"):
-            self.register_buffer(name, getattr(state, name))
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, block_size: int = 64, double_quant: bool = True) -> "NF4Linear":
-        packed, state = quantize_nf4(linear.weight.detach(), block_size, double_quant)
-        return cls(packed, state, linear.bias)
-
-    @property
-    def state(self) -> NF4State:
-        return NF4State(torch.Size((self.out_features, self.in_features)), self.dtype, self.block_size,
-                        self.absmax, self.absmax_codes, self.absmax_scale, self.absmax_offset)
-
-    def weight_hat(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dequantized weight ``[out, in]`` (in ``dtype``, default the original one).
-
-        Equal to ``nf4.dequantize_nf4`` bit for bit, but each packed byte is looked up as its
-        pair of codebook values in one gather (``F.embedding`` on a 256 x 2 table): about 7x
-        faster on a CPU, which matters because training dequantizes every weight twice a step.
-        """
-        state = self.state
-        if state.numel % (2 * self.block_size):  # a partial block or a half byte: the general path
-            return dequantize_nf4(self.packed, state).to(dtype or self.dtype)
-        pairs = F.embedding(self.packed.reshape(-1).long(), _byte_table(self.packed.device))
-        w = pairs.view(state.n_blocks, self.block_size) * state.block_absmax().unsqueeze(1)
-        return w.view(state.shape).to(dtype or self.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4Matmul.apply(x, self)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def to_linear(self) -> nn.Linear:
-        """A plain frozen ``nn.Linear`` with the dequantized weight."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.packed.device, dtype=self.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight_hat())
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin.requires_grad_(False)
-
-    def extra_repr(self) -> str:
-        dq = self.absmax is None
-        return f"in_features={self.in_features}, out_features={self.out_features}, " \
-               f"block_size={self.block_size}, double_quant={dq}"
 
 
 class LoRALinear(nn.Module):

@@ -11,7 +11,7 @@ elements; each block keeps one float32 ``absmax`` (the symmetric scale of the bl
     code       = argmin_i |normalized - codebook[i]|  # nearest codebook entry, 4 bits
     w_hat      = codebook[code] * absmax
 
-Codes are packed two per byte with ``qcore.quant.pack_int4`` (first element in the high
+Codes are packed two per byte with ``qcore.packing.pack_int4`` (first element in the high
 nibble), which is bitsandbytes' layout: for float32/16 input ``quantize_nf4`` gives the same
 bytes and the same absmax as ``bitsandbytes.functional.quantize_4bit(quant_type="nf4")``.
 Two details make that exact rather than approximate:
@@ -35,8 +35,8 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from qcore.quant import (PerGroup, QParams, choose_qparams, dequantize, pack_int4, quantize,
-                         unpack_int4)
+from qcore.quant import PerGroup, QParams, choose_qparams, dequantize, quantize
+from qcore.packing import pack_int4
 
 __all__ = ["NF4_OFFSET", "ABSMAX_BLOCK_SIZE", "ZERO_CODE", "NF4State", "nf4_codebook",
            "quantize_nf4", "dequantize_nf4", "bits_per_param"]
@@ -284,10 +284,20 @@ def quantize_nf4(w: torch.Tensor, block_size: int = 64,
     return packed, state
 
 
-def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
-    """Rebuild ``w_hat = nf4_codebook()[code] * absmax[block]`` with the original shape and dtype.
+@lru_cache(maxsize=None)
+def _byte_table(device: str) -> torch.Tensor:
+    """``[256, 2]``: the codebook values of a packed byte's high and low nibble."""
+    cb = _codebook()
+    return torch.stack([cb.repeat_interleave(16), cb.repeat(16)], dim=1).to(device)
 
-    The product is taken in float32 and then cast to ``state.dtype``.
+
+def dequantize_nf4(packed: torch.Tensor, state: NF4State, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Rebuild ``w_hat = nf4_codebook()[code] * absmax[block]`` with the original shape.
+
+    The product is taken in float32 and then cast to ``dtype`` (default ``state.dtype``). Each
+    packed byte is looked up as its pair of codebook values in one gather (``F.embedding`` on a
+    256 x 2 table), about 7x faster on a CPU than unpacking the codes first; that matters because
+    QLoRA training dequantizes every weight twice a step.
 
     Args:
         packed: uint8 ``[ceil(numel / 2)]`` from ``quantize_nf4`` (any shape with that many
@@ -301,11 +311,11 @@ def dequantize_nf4(packed: torch.Tensor, state: NF4State) -> torch.Tensor:
         (torch.float16, [[0.0, -1.0], [0.4921875, 2.0]])
     """
     n, bs = state.numel, state.block_size
-    codes = unpack_int4(packed.reshape(-1), (n + n % 2,))[:n].long()  # [n]
-    values = _codebook().to(packed.device)[codes]                      # [n] in [-1, 1]
+    pairs = F.embedding(packed.reshape(-1).long(), _byte_table(str(packed.device)))  # [bytes, 2]
+    values = pairs.reshape(-1)[:n]                                                     # [n] in [-1, 1]
     blocks = F.pad(values, (0, state.n_blocks * bs - n)).view(state.n_blocks, bs)
     w_hat = (blocks * state.block_absmax().unsqueeze(1)).reshape(-1)[:n]
-    return w_hat.reshape(state.shape).to(state.dtype)
+    return w_hat.reshape(state.shape).to(dtype or state.dtype)
 
 
 def bits_per_param(state: NF4State) -> float:

@@ -15,7 +15,7 @@ Two grids are used throughout the course:
   ``+max|x|`` would not map to mirror images; the restricted grid gives that code up.
 
 Granularity decides which elements share one (scale, zero_point): ``PerTensor()``,
-``PerChannel(axis)`` or ``PerGroup(group_size)``.
+``PerChannel(axis)`` or ``PerGroup(group_size)``. Packing codes into bytes is ``qcore.packing``.
 """
 from __future__ import annotations
 
@@ -242,8 +242,12 @@ def dequantize(q: torch.Tensor, qp: QParams) -> torch.Tensor:
     return x_hat.reshape(q.shape)
 
 
-class _FakeQuantizeSTE(torch.autograd.Function):
-    """Quantize-dequantize forward; straight-through backward, zeroed outside the clamp range."""
+class FakeQuantizeSTE(torch.autograd.Function):
+    """Quantize-dequantize forward; straight-through backward, zeroed outside the clamp range.
+
+    ``apply(x, scale, zero_point, qmin, qmax)`` with ``scale`` and a float ``zero_point`` that
+    broadcast against ``x``; use ``fake_quantize_ste`` (tensors) or ``fake_quantize`` (QParams).
+    """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax):
@@ -274,8 +278,27 @@ def fake_quantize(x: torch.Tensor, qp: QParams) -> torch.Tensor:
     gran = qp.granularity
     xg = gran.group(x.float())
     zp = gran.expand(qp.zero_point).to(torch.float32)
-    y = _FakeQuantizeSTE.apply(xg, gran.expand(qp.scale), zp, qp.qmin, qp.qmax)
+    y = FakeQuantizeSTE.apply(xg, gran.expand(qp.scale), zp, qp.qmin, qp.qmax)
     return y.reshape(x.shape)
+
+
+def fake_quantize_ste(x: torch.Tensor, scale, zero_point, qmin: int, qmax: int) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale``, STE backward.
+
+    The tensor form of ``fake_quantize``: ``scale`` and ``zero_point`` broadcast against ``x``
+    (0-d per tensor, ``[out, 1]`` per output channel of ``[out, in]``); the result has ``x``'s
+    dtype. The gradient w.r.t. ``x`` is 1 where the code lies in ``[qmin, qmax]`` before
+    clamping, else 0; scale and zero-point get none.
+
+    Example:
+        >>> x = torch.tensor([-0.8, 0.26, 2.0], requires_grad=True)
+        >>> y = fake_quantize_ste(x, torch.tensor(0.5), torch.tensor(0.0), -2, 2)
+        >>> y.sum().backward(); y.tolist(), x.grad.tolist()
+        ([-1.0, 0.5, 1.0], [1.0, 1.0, 0.0])
+    """
+    scale = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    zero_point = torch.as_tensor(zero_point, dtype=torch.float32, device=x.device)
+    return FakeQuantizeSTE.apply(x.float(), scale, zero_point, qmin, qmax).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------- error
@@ -303,98 +326,3 @@ def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     if noise == 0:
         return float("inf")
     return (10 * torch.log10(signal / noise)).item()
-
-
-# ----------------------------------------------------------------------------- packing
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned ``bits``-wide codes (2 or 4) into bytes, first element in the high bits.
-
-    The tensor is flattened; a last partial byte is padded with zero codes. Signed codes
-    are shifted first (``q - qmin``). 4-bit packing matches bitsandbytes' byte layout.
-
-    Args:
-        codes: integers in ``[0, 2**bits - 1]``, any shape with ``n`` elements.
-
-    Returns:
-        uint8 tensor ``[ceil(n * bits / 8)]``.
-
-    Example:
-        >>> pack(torch.tensor([1, 2, 15]), bits=4).tolist()   # 0x12, 0xF0
-        [18, 240]
-    """
-    if bits not in (2, 4):
-        raise ValueError(f"pack supports 2 or 4 bits, got {bits}")
-    per_byte = 8 // bits
-    flat = codes.reshape(-1)
-    if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
-        raise ValueError(f"codes must lie in [0, {2**bits - 1}] to pack into {bits} bits; "
-                         "shift signed codes by -qmin first")
-    flat = flat.to(torch.uint8)
-    pad = (-flat.numel()) % per_byte
-    flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, per_byte)  # [n_bytes, per_byte]
-    packed = flat[:, 0] << (8 - bits)                                  # the first code: high bits
-    for k in range(1, per_byte):
-        packed |= flat[:, k] << (8 - bits * (k + 1))
-    return packed
-
-
-def unpack(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
-    """Inverse of ``pack``: uint8 codes of the given ``shape``.
-
-    Example:
-        >>> unpack(torch.tensor([18, 240], dtype=torch.uint8), bits=4, shape=(3,)).tolist()
-        [1, 2, 15]
-    """
-    if bits not in (2, 4):
-        raise ValueError(f"unpack supports 2 or 4 bits, got {bits}")
-    per_byte = 8 // bits
-    n = 1
-    for d in shape:
-        n *= d
-    if packed.numel() != -(-n // per_byte):
-        raise ValueError(f"{packed.numel()} bytes cannot hold shape {tuple(shape)} at {bits} bits")
-    packed = packed.reshape(-1).to(torch.uint8)
-    mask = 2**bits - 1
-    parts = [(packed >> (8 - bits * (k + 1))) & mask for k in range(per_byte)]  # high bits first
-    codes = torch.stack(parts, dim=1).reshape(-1)                       # [n_bytes * per_byte]
-    return codes[:n].reshape(shape)
-
-
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte, the first in the high nibble (``pack(codes, 4)``).
-
-    Example:
-        >>> pack_int4(torch.tensor([[7, 8], [0, 15]])).tolist()
-        [120, 15]
-    """
-    return pack(codes, 4)
-
-
-def unpack_int4(packed: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of ``pack_int4``.
-
-    Example:
-        >>> unpack_int4(torch.tensor([120, 15], dtype=torch.uint8), (2, 2)).tolist()
-        [[7, 8], [0, 15]]
-    """
-    return unpack(packed, 4, shape)
-
-
-def pack_int2(codes: torch.Tensor) -> torch.Tensor:
-    """Four 2-bit codes per byte, the first in the two highest bits (``pack(codes, 2)``).
-
-    Example:
-        >>> pack_int2(torch.tensor([3, 0, 1, 2])).tolist()   # 0b11_00_01_10
-        [198]
-    """
-    return pack(codes, 2)
-
-
-def unpack_int2(packed: torch.Tensor, shape) -> torch.Tensor:
-    """Inverse of ``pack_int2``.
-
-    Example:
-        >>> unpack_int2(torch.tensor([198], dtype=torch.uint8), (4,)).tolist()
-        [3, 0, 1, 2]
-    """
-    return unpack(packed, 2, shape)

@@ -1,6 +1,6 @@
 """Activation statistics by calibration, and SmoothQuant: move activation outliers into the weights.
 
-``calibrate`` runs calibration inputs through a model and records, with forward pre-hooks, the
+``input_absmax`` runs calibration inputs through a model and records, with forward pre-hooks, the
 largest ``|x|`` of every input channel of the chosen layers. Static W8A8 takes one scale per
 layer from it (``static_input_scales``); SmoothQuant takes the per-channel values.
 
@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 from qcore.calibrate import MinMaxObserver
-from qcore.quant import MIN_SCALE, PerChannel
+from qcore.quant import MIN_SCALE, PerChannel, qrange
 
 
-def calibrate(model: nn.Module, names: list[str], run: Callable[[nn.Module], object]) -> dict:
+def input_absmax(model: nn.Module, names: list[str], run: Callable[[nn.Module], object]) -> dict:
     """``{name: max|x| per input channel [in]}`` of each named layer's input while ``run(model)``.
 
     Forward pre-hooks feed each input, seen as ``[tokens, in]``, to a per-channel symmetric
@@ -42,7 +42,7 @@ def calibrate(model: nn.Module, names: list[str], run: Callable[[nn.Module], obj
 
     Example:
         >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        >>> absmax = calibrate(m, ["0"], lambda mod: mod(torch.tensor([[1.0, -3.0], [2.0, 0.0]])))
+        >>> absmax = input_absmax(m, ["0"], lambda mod: mod(torch.tensor([[1.0, -3.0], [2.0, 0.0]])))
         >>> absmax["0"].tolist(), len(m[0]._forward_pre_hooks)
         ([2.0, 3.0], 0)
     """
@@ -65,7 +65,7 @@ def calibrate(model: nn.Module, names: list[str], run: Callable[[nn.Module], obj
 
 def unpadded_runner(tokenizer, texts: list[str], device: str = "cpu",
                     max_length: int = 128) -> Callable[[nn.Module], None]:
-    """``run(model)`` for ``calibrate``: the texts grouped by token count, so no batch holds padding.
+    """``run(model)`` for ``input_absmax``: the texts grouped by token count, so no batch holds padding.
 
     Padding is masked out of attention, but its activations still pass through every linear layer
     and would widen the observed ranges; equal-length groups avoid it without any masking.
@@ -99,7 +99,7 @@ def static_input_scales(absmax: dict[str, torch.Tensor], bits: int = 8) -> dict[
         >>> round(static_input_scales({"fc": torch.tensor([1.0, 12.7])})["fc"].item(), 6)
         0.1
     """
-    qmax = 2 ** (bits - 1) - 1
+    qmax = qrange(bits, symmetric=True)[1]
     return {n: (a.max() / qmax).clamp(min=MIN_SCALE) for n, a in absmax.items()}
 
 

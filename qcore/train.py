@@ -1,8 +1,16 @@
-"""Training and evaluation loops, seeding, and the device / dtype policy of the labs.
+"""The one training loop and the one evaluation, seeding, and the device / dtype policy of the labs.
 
 Policy: CUDA when present (bf16 compute where the card supports it, else fp16), otherwise
 the CPU in fp32 (bf16 matmuls are slow on most CPUs). Progress bars go to stdout (or a
 notebook widget) and switch off under nbgrader, which scores a cell 0 when it writes to stderr.
+
+Training: ``train(model, batches, loss)`` is every loop of the course (the classifier's setup
+fine-tuning, lab 4's QAT, lab 5's LoRA/QLoRA); a task brings its batches and its loss
+(``classifier_batches`` + ``classifier_loss`` here, ``qcore.zoo.prompted_sentiment`` for the LM).
+Evaluation: batches of similar length in one fixed order (``length_sorted_batches``), the results
+put back in the order of the texts (``classifier_logits``). Some quantized models (torch.ao's
+dynamic int8: one activation scale per padded batch) answer differently when sentences share
+other batches, so every accuracy of a classifier in the course is measured in this one order.
 """
 from __future__ import annotations
 
@@ -10,7 +18,9 @@ import math
 import os
 import random
 import sys
-from typing import Iterable, Sequence
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -77,7 +87,8 @@ def progress(iterable: Iterable, desc: str = "", total: int | None = None, **kw)
     """A tqdm progress bar on stdout (a widget in notebooks); silent under nbgrader and in logs.
 
     A bar redrawn with carriage returns is noise where nobody watches a terminal: when stdout is
-    neither a terminal nor a Jupyter kernel's (a CI log, a pipe), no bar is drawn.
+    neither a terminal nor a Jupyter kernel's (a CI log, a pipe), no bar is drawn. ``disable=True``
+    switches a bar off (a loop too short for one); nothing switches it on against these rules.
 
     Example:
         >>> sum(progress(range(3), disable=True))
@@ -86,26 +97,14 @@ def progress(iterable: Iterable, desc: str = "", total: int | None = None, **kw)
     from tqdm.auto import tqdm
 
     watched = "ipykernel" in sys.modules or getattr(sys.stdout, "isatty", lambda: False)()
-    kw.setdefault("disable", under_grader() or not watched)
+    kw["disable"] = bool(kw.get("disable")) or under_grader() or not watched
     return tqdm(iterable, desc=desc, total=total, file=sys.stdout, leave=False, **kw)
 
 
-def batches(n: int, batch_size: int, shuffle: bool = False, seed: int = 0) -> list[list[int]]:
-    """Index batches covering ``range(n)``, shuffled with a fixed seed when asked.
-
-    Example:
-        >>> batches(5, 2)
-        [[0, 1], [2, 3], [4]]
-    """
-    order = list(range(n))
-    if shuffle:
-        random.Random(seed).shuffle(order)
-    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-
-
+# ----------------------------------------------------------------------------- batch orders
 def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int = 0,
                            pool: int = 50) -> list[list[int]]:
-    """Shuffled batches of similar-length items: less padding, so faster steps on a CPU.
+    """Training order: shuffled batches of similar-length items (less padding, faster steps).
 
     Items are shuffled, cut into pools of ``pool`` batches, sorted by length inside each pool,
     batched, and the batches shuffled again; every index appears exactly once.
@@ -127,133 +126,162 @@ def length_grouped_batches(lengths: Sequence[int], batch_size: int, seed: int = 
     return out
 
 
-# ----------------------------------------------------------------------------- classification
-def _encode(tokenizer, texts: Sequence[str], device: str, max_length: int):
-    enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    return {k: v.to(device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Evaluation order, the one of the course: items sorted by length (ties keep their order), cut.
+
+    Example:
+        >>> length_sorted_batches([3, 1, 2, 1, 5], batch_size=2)
+        [[1, 3], [2, 0], [4]]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-@torch.no_grad()
-def predict_classifier(model, tokenizer, texts: Sequence[str], batch_size: int = 64,
-                       max_length: int = 128, desc: str = "predict") -> torch.Tensor:
-    """Predicted class per text (a LongTensor), in batches, with the model in eval mode."""
-    model.eval()
-    device = next(model.parameters()).device.type if any(True for _ in model.parameters()) else "cpu"
-    preds = []
-    for idx in progress(batches(len(texts), batch_size), desc=desc):
-        logits = model(**_encode(tokenizer, [texts[i] for i in idx], device, max_length)).logits
-        preds.append(logits.argmax(-1).cpu())
-    return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+# ----------------------------------------------------------------------------- the training loop
+@dataclass
+class TrainRun:
+    """What ``train`` records: the loss and the wall time (seconds) of every step."""
+
+    losses: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
 
 
-def evaluate_classifier(model, tokenizer, split, batch_size: int = 64, max_length: int = 128,
-                        limit: int | None = None) -> float:
-    """Accuracy of ``model`` on ``split`` (``.texts``, ``.labels``); ``limit`` takes the first N."""
-    texts, labels = split.texts[:limit], split.labels[:limit]
-    preds = predict_classifier(model, tokenizer, texts, batch_size, max_length, desc="evaluate")
-    return (preds == torch.tensor(labels)).float().mean().item()
+def train(model, batches: Sequence, loss: Callable, lr: float, weight_decay: float = 0.0,
+          warmup: float = 0.0, decay: bool = True, clip: float | None = 1.0, seed: int = 0,
+          on_step: Callable[[int], None] | None = None, desc: str = "train") -> TrainRun:
+    """The course's training loop: AdamW on the parameters that require a gradient, one step per batch.
 
+    The learning rate at step ``s`` of ``n`` is ``lr * min((s + 1) / w, (n - s) / (n - w))`` with
+    ``w = int(warmup * n)`` warm-up steps (no warm-up term when ``w == 0``), or ``lr`` throughout
+    when ``decay`` is False. Gradients are clipped to norm ``clip`` (``None``: not clipped).
 
-def train_classifier(model, tokenizer, split, epochs: float = 1.0, lr: float = 5e-5,
-                     batch_size: int = 32, max_length: int = 128, weight_decay: float = 0.01,
-                     warmup: float = 0.1, seed: int = 0) -> list[float]:
-    """Fine-tune a sequence classifier with AdamW and a linear warm-up/decay schedule.
+    Args:
+        batches: whatever ``loss`` takes, already on the model's device, one per step.
+        loss: ``loss(model, batch)`` -> a scalar tensor (e.g. ``classifier_loss``).
+        on_step: called with the step's index before its forward pass (lab 4 freezes observers).
 
-    Returns the loss of each step. ``epochs`` may be fractional (a shortened run).
+    Returns:
+        A ``TrainRun`` (the model is left in eval mode).
+
+    Example:
+        >>> m = torch.nn.Linear(2, 1)
+        >>> data = [(torch.ones(4, 2), torch.full((4, 1), 3.0))] * 50
+        >>> mse = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> run = train(m, data, mse, lr=0.1, decay=False, desc="")
+        >>> len(run.losses), run.losses[-1] < 0.01 * run.losses[0]
+        (50, True)
     """
     seed_everything(seed)
-    device = next(model.parameters()).device.type
-    steps_per_epoch = math.ceil(len(split.texts) / batch_size)
-    total = max(1, int(epochs * steps_per_epoch))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    n_warm = max(1, int(warmup * total))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / n_warm, max(0.0, (total - s) / max(1, total - n_warm))))
-    lengths = [len(t) for t in split.texts]  # characters: a cheap proxy for tokens
-    plan = [b for e in range(math.ceil(epochs))
-            for b in length_grouped_batches(lengths, batch_size, seed=seed + e)][:total]
-    labels = torch.tensor(split.labels)
+    total, n_warm = len(batches), int(warmup * len(batches))
+
+    def factor(s: int) -> float:
+        if not decay:
+            return 1.0
+        ramp = (s + 1) / n_warm if n_warm else 1.0
+        return min(ramp, max(0.0, (total - s) / max(1, total - n_warm)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    cuda = any(p.is_cuda for p in params)
     model.train()
-    losses = []
-    bar = progress(plan, desc="train")
-    for idx in bar:
-        enc = _encode(tokenizer, [split.texts[i] for i in idx], device, max_length)
-        out = model(**enc, labels=labels[idx].to(device))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+    run = TrainRun()
+    bar = progress(batches, desc=desc)
+    for step, batch in enumerate(bar):
+        start = time.perf_counter()
+        if on_step is not None:
+            on_step(step)
+        value = loss(model, batch)
+        value.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+        if cuda:
+            torch.cuda.synchronize()  # the step's real time, not its launch
+        run.seconds.append(time.perf_counter() - start)
+        run.losses.append(value.item())
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{run.losses[-1]:.3f}")
     model.eval()
-    return losses
+    return run
 
 
-# ----------------------------------------------------------------------------- causal LM
-def lm_labels(input_ids: torch.Tensor, prompt_lengths: Sequence[int],
-              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Labels for causal-LM training with the prompt masked out (-100 is ignored by the loss).
+# ----------------------------------------------------------------------------- classification
+def classifier_batches(tokenizer, texts: Sequence[str], labels: Sequence[int] | None = None,
+                       batch_size: int = 64, max_length: int = 128, shuffle: bool = False,
+                       epochs: int = 1, steps: int | None = None, seed: int = 0,
+                       device: str = "cpu") -> list[dict]:
+    """Tokenized batches of sentences, each padded to its longest: the evaluation or the training order.
 
-    Args:
-        input_ids: ``[batch, seq]`` right-padded token ids.
-        prompt_lengths: tokens per row that belong to the prompt (no loss on them).
+    ``shuffle=False``: the evaluation order (``length_sorted_batches``), every text once.
+    ``shuffle=True``: ``epochs`` passes in the training order (``length_grouped_batches``, seed
+    ``seed + epoch``), cut to the first ``steps`` batches when given. Lengths are counted in
+    characters, a cheap proxy for tokens. Each dict has ``input_ids`` and ``attention_mask``
+    (``[b, seq]``), ``index`` (``[b]``, the texts' positions) and, with ``labels``, ``labels``.
 
     Example:
-        >>> lm_labels(torch.tensor([[5, 6, 7, 8]]), [2]).tolist()
-        [[-100, -100, 7, 8]]
+        >>> from qcore.zoo.sentiment import load_tokenizer
+        >>> b = classifier_batches(load_tokenizer(), ["a fine film", "bad", "good"], [1, 0, 1], batch_size=2)
+        >>> [x["index"].tolist() for x in b], b[0]["input_ids"].shape, b[0]["labels"].tolist()
+        ([[1, 2], [0]], torch.Size([2, 3]), [0, 1])
     """
-    labels = input_ids.clone()
-    for row, n in enumerate(prompt_lengths):
-        labels[row, :n] = -100
-    if attention_mask is not None:
-        labels[attention_mask == 0] = -100
-    return labels
+    lengths = [len(t) for t in texts]
+    if shuffle:
+        plan = [b for e in range(epochs) for b in length_grouped_batches(lengths, batch_size, seed=seed + e)]
+        plan = plan[:steps]
+    else:
+        plan = length_sorted_batches(lengths, batch_size)
+    out = []
+    for idx in plan:
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                 "index": torch.tensor(idx)}
+        if labels is not None:
+            batch["labels"] = torch.tensor([labels[i] for i in idx])
+        out.append({k: v.to(device) for k, v in batch.items()})
+    return out
 
 
-def lm_loss(model, input_ids, attention_mask, labels) -> torch.Tensor:
-    """Mean next-token cross-entropy over the positions whose label is not -100."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def classifier_loss(model, batch: dict) -> torch.Tensor:
+    """Cross-entropy of a sequence classifier on a batch of ``classifier_batches`` (with labels)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=batch["labels"]).loss
 
 
-def train_causal_lm(model, batch_iter: Sequence[dict], lr: float = 2e-4, weight_decay: float = 0.0,
-                    seed: int = 0) -> list[float]:
-    """Train on prepared batches (dicts of input_ids, attention_mask, labels); returns losses.
+@torch.inference_mode()
+def classifier_logits(model, batches: Sequence[dict], desc: str | None = "evaluate") -> torch.Tensor:
+    """fp32 logits ``[texts, classes]`` of a classifier, in the texts' order (``desc=None``: no bar).
 
-    Only parameters with ``requires_grad`` are optimised (LoRA adapters, for instance).
+    Example:
+        >>> from qcore.zoo.sentiment import load_tokenizer, tiny_sentiment_model
+        >>> m, tok = tiny_sentiment_model(), load_tokenizer()
+        >>> texts = ["a long and winding sentence", "short", "mid length"]
+        >>> together = classifier_logits(m, classifier_batches(tok, texts), desc=None)
+        >>> alone = torch.cat([classifier_logits(m, classifier_batches(tok, [t]), desc=None) for t in texts])
+        >>> together.shape, torch.allclose(together, alone, atol=1e-5)
+        (torch.Size([3, 2]), True)
     """
-    seed_everything(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    model.train()
-    losses = []
-    bar = progress(batch_iter, desc="train")
-    for batch in bar:
-        loss = lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
-    return losses
+    rows, where = [], []
+    for batch in (batches if desc is None else progress(batches, desc=desc)):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        rows.append(logits.float().cpu())
+        where.append(batch["index"].cpu())
+    if not rows:
+        return torch.empty(0, 2)
+    out = torch.empty(sum(len(w) for w in where), rows[0].shape[1])
+    out[torch.cat(where)] = torch.cat(rows)
+    return out
 
 
-@torch.no_grad()
-def evaluate_causal_lm(model, batch_iter: Sequence[dict]) -> tuple[float, float]:
-    """Token-weighted mean loss and perplexity ``exp(loss)`` over prepared batches."""
-    model.eval()
-    total, count = 0.0, 0
-    for batch in progress(batch_iter, desc="evaluate"):
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += lm_loss(model, batch["input_ids"], batch["attention_mask"], batch["labels"]).item() * n
-        count += n
-    loss = total / max(1, count)
-    return loss, math.exp(loss)
+def evaluate_classifier(model, tokenizer, split, batch_size: int = 64, max_length: int = 128,
+                        limit: int | None = None, desc: str | None = "evaluate") -> float:
+    """Accuracy of ``model`` on ``split`` (``.texts``, ``.labels``); ``limit`` takes the first N."""
+    texts, labels = split.texts[:limit], split.labels[:limit]
+    device = next(model.parameters()).device.type if any(True for _ in model.parameters()) else "cpu"
+    batches = classifier_batches(tokenizer, texts, batch_size=batch_size, max_length=max_length, device=device)
+    preds = classifier_logits(model, batches, desc=desc).argmax(-1)
+    return (preds == torch.tensor(labels)).float().mean().item()

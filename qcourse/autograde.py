@@ -24,12 +24,13 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import nbformat
 
 from qcourse import sandbox
-from qcourse.build import COURSE, REPO, nbgrader, venv_env, write_notebook
+from qcourse.build import COURSE, REPO, venv_env, write_notebook
 from qcourse.sandbox import Limits
 from qcourse.master import exercises, find_masters, load_master
 
@@ -58,6 +59,40 @@ def state_dir(course_root: Path, lab: str) -> Path:
     return course_root / ".qcourse" / "state" / lab
 
 
+# nbgrader's command line, as its console script runs it, less one import: every nbgrader start
+# imports jsonschema (through nbformat), which imports the optional ``rfc3987_syntax``, and that
+# builds a Lark grammar for the "iri" string formats at import time: 2-4 s of CPU, more than the
+# rest of nbgrader's imports, in each of the 2 runs per submission and 2 per class. Nothing in
+# grading validates those formats (nbformat checks notebooks without a format checker), so the
+# import is refused and jsonschema goes without the two formats. ``-P``: the working folder (a
+# course folder holding student files) stays off ``sys.path``, as with the console script.
+NBGRADER = [sys.executable, "-P", "-c",
+            "import sys; sys.modules['rfc3987_syntax'] = None; sys.argv[0] = 'nbgrader'; "
+            "from nbgrader.apps.nbgraderapp import main; sys.exit(main())"]
+
+
+@lru_cache(maxsize=1)
+def _empty_gradebook() -> bytes:
+    """An empty gradebook of the installed nbgrader (its tables, its alembic revision), made once
+    per process. nbgrader, creating a gradebook, learns its schema revision from an ``alembic
+    heads`` subprocess (which imports all of nbgrader again: 5-10 s of CPU); a folder that starts
+    with this file is spared that, and nbgrader fills it exactly as it would a new one."""
+    from alembic.script import ScriptDirectory
+    from nbgrader.api import Base
+    from nbgrader.dbutil import ALEMBIC_DIR
+    from sqlalchemy import create_engine, text
+
+    with tempfile.TemporaryDirectory(prefix="qcourse-gradebook-") as tmp:
+        engine = create_engine(_db_url(Path(tmp)))
+        Base.metadata.create_all(bind=engine)  # what nbgrader.api.Gradebook does for a new file
+        with engine.begin() as db:
+            db.execute(text("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)"))
+            db.execute(text("INSERT INTO alembic_version (version_num) VALUES (:v)"),
+                       {"v": ScriptDirectory(ALEMBIC_DIR).get_current_head()})
+        engine.dispose()
+        return (Path(tmp) / "gradebook.db").read_bytes()
+
+
 def prepare_assignment(lab: str, course_root: Path, dest: Path) -> None:
     """A course folder at ``dest`` holding only the config, the lab's source and its gradebook."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -67,7 +102,10 @@ def prepare_assignment(lab: str, course_root: Path, dest: Path) -> None:
     refs = Path(course_root) / "reference" / lab
     if refs.is_dir() and dest.resolve() != Path(course_root).resolve():
         shutil.copytree(refs, dest / "reference" / lab, dirs_exist_ok=True)
-    res = nbgrader(["generate_assignment", lab, "--force", "--log-level=WARN"], dest)
+    if not (dest / "gradebook.db").exists():
+        (dest / "gradebook.db").write_bytes(_empty_gradebook())
+    res = subprocess.run([*NBGRADER, "generate_assignment", lab, "--force", "--log-level=WARN"], cwd=dest,
+                         capture_output=True, text=True, env=venv_env())
     if res.returncode:
         raise RuntimeError(f"nbgrader generate_assignment {lab} failed:\n{res.stderr[-3000:]}")
 
@@ -193,14 +231,15 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
     source = nbformat.read(template / "source" / lab / f"{lab}.ipynb", as_version=4)
     notes_in = sanitize(nb, source)
     target.write_text(nbformat.writes(nb), encoding="utf-8")
-    cgroup = f"qcourse-{os.getpid()}-{student}"[:60]
+    # one name per grading folder: two runs in one process (threads) may grade the same student id
+    cgroup = f"qcourse-{os.getpid()}-{hashlib.sha256(str(work).encode()).hexdigest()[:8]}-{student}"[:60]
     env = _sandbox_env(work, lab, student, course_root, limits, cgroup)
     notes = list(notes_in)
     try:
         for _ in range(attempts):
             left = timeout - (time.time() - start)
             (work / "progress").unlink(missing_ok=True)
-            code, log = _run(["nbgrader", "autograde", lab, "--student", student, "--create", "--force"],
+            code, log = _run([*NBGRADER, "autograde", lab, "--student", student, "--create", "--force"],
                              work, max(1.0, left), env=env) if left > 0 else (None, "")
             sandbox.kill_cgroup(cgroup)
             died = code not in (0, None) and "DeadKernel" in log + _nbgrader_log(work)
@@ -221,7 +260,7 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
         outcome.exercises = {k: scores.get(k, 0.0) for k in max_points}
         outcome.score = sum(outcome.exercises.values())
         outcome.message = "; ".join(notes + _flags(work / "autograded" / student / lab / f"{lab}.ipynb"))
-        _run(["nbgrader", "generate_feedback", lab, "--student", student, "--force"], work, 300)
+        _run([*NBGRADER, "generate_feedback", lab, "--student", student, "--force"], work, 300)
     outcome.seconds = round(time.time() - start, 2)
     return outcome
 
@@ -294,7 +333,6 @@ def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool
     course_root = Path(course_root)
     states = state_dir(course_root, lab)
     states.mkdir(parents=True, exist_ok=True)
-    prepare_assignment(lab, course_root, course_root)  # the course gradebook knows the lab
     todo, outcomes = {}, {}
     for sid, src in submissions.items():
         nb = course_root / "submitted" / sid / lab / f"{lab}.ipynb"  # the import: a copy kept
@@ -312,7 +350,12 @@ def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool
     if todo:
         with tempfile.TemporaryDirectory(prefix="qcourse-grade-") as tmp:
             template = Path(tmp) / "template"
-            prepare_assignment(lab, course_root, template)
+            # the course gradebook must know the lab before outcomes are recorded in it; the template
+            # is its own folder: the two nbgrader runs are independent, one on each core
+            _empty_gradebook()  # made once, before the two threads want it
+            with ThreadPoolExecutor(max_workers=2) as pool:
+                for done in [pool.submit(prepare_assignment, lab, course_root, dest) for dest in (course_root, template)]:
+                    done.result()
 
             def work(item):
                 sid, nb = item

@@ -15,11 +15,14 @@ Two things differ from one x86-64 CPU to another (or between torch's kernels for
 
 A generator therefore declares which of its arrays are CPU-dependent and how long the longest
 chain of float32 roundings behind each is (``CPU_DEPENDENT``); :func:`compare_references` checks
-every other array bit for bit.
+every other array bit for bit. It writes its files with :func:`write_references` and gets its
+command line from :func:`generator_main`.
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +71,48 @@ def init_linears_(model: torch.nn.Module, generator: torch.Generator) -> torch.n
                         u = torch.rand(p.shape, generator=generator, dtype=torch.float64)
                         p.copy_(((u * 2 - 1) * bound).to(p.dtype))
     return model
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A NumPy copy of a tensor (detached, on the CPU): later in-place changes to ``t`` do not reach it.
+
+    >>> t = torch.zeros(2)
+    >>> a = to_numpy(t)
+    >>> _ = t.add_(1.0)
+    >>> a.tolist()
+    [0.0, 0.0]
+    """
+    return t.detach().cpu().clone().numpy()
+
+
+def write_references(out_dir: Path, files: Mapping[str, Mapping[str, object]]) -> Path:
+    """Write ``{file stem: {key: array or scalar}}`` as ``out_dir/<stem>.npz`` (compressed, in the
+    given order), creating ``out_dir``; the same arrays give the same bytes on every run.
+
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     out = write_references(Path(tmp) / "lab", {"f": {"x": np.arange(3), "bits": 4}})
+    ...     with np.load(out / "f.npz") as z:
+    ...         (z["x"].tolist(), int(z["bits"]))
+    ([0, 1, 2], 4)
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stem, arrays in files.items():
+        np.savez_compressed(out_dir / f"{stem}.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+    return out_dir
+
+
+def generator_main(make: Callable[[Path], None], lab: str, argv: list[str] | None = None) -> None:
+    """The command line of a reference generator, ``python course/refgen/<lab>.py [OUT_DIR]``:
+    ``make(OUT_DIR)``, by default into ``course/reference/<lab>`` (what ``qcourse references`` does).
+    """
+    from qcourse.build import COURSE
+
+    parser = argparse.ArgumentParser(prog=f"{lab}.py", description=f"Write the reference files of {lab}.")
+    parser.add_argument("out_dir", nargs="?", type=Path, default=COURSE / "reference" / lab,
+                        help="folder for the .npz files (default: %(default)s)")
+    make(parser.parse_args(argv).out_dir)
 
 
 def reduction_bound(committed: np.ndarray, roundings: int) -> float:

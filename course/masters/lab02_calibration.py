@@ -33,9 +33,11 @@ import numpy as np
 import torch
 
 from qcore.assets import AssetError
-from qcore.calibrate import EntropyObserver, MinMaxObserver, MSEObserver, PercentileObserver
+from qcore.calibrate import MinMaxObserver, PercentileObserver
+from qcore.clipping import EntropyObserver, MSEObserver
 from qcore.quant import (PerChannel, PerGroup, PerTensor, choose_qparams, dequantize, fake_quantize,
-                         pack_int4, qparams_from_range, quantize, sqnr_db, unpack_int4)
+                         qparams_from_range, quantize, sqnr_db)
+from qcore.packing import pack_int4, unpack_int4
 from qcore.train import under_grader
 
 EPS = torch.finfo(torch.float32).eps  # the smallest scale ever used (about 1.19e-7)
@@ -880,8 +882,8 @@ _saved = {_k: globals().get(_k) for _k in ("scale_zero_point", "int_grid", "quan
 # Exercises 1 to 3 are graded on their own: here reference versions stand in for them.
 globals().update(scale_zero_point=_ref_scale_zero_point, int_grid=_quant.qrange, quantize_affine=_ref_quantize,
                  dequantize_affine=_ref_dequantize, quant_mse=_ref_mse, quant_sqnr_db=_quant.sqnr_db)
-_forbidden = ("qcore.calibrate.PercentileObserver._range", "qcore.calibrate.MSEObserver._range",
-              "qcore.calibrate.MSEObserver.estimate_mse", "qcore.calibrate._Histogram.quantile",
+_forbidden = ("qcore.calibrate.PercentileObserver._range", "qcore.clipping.MSEObserver._range",
+              "qcore.clipping.MSEObserver.estimate_mse", "qcore.calibrate._Histogram.quantile",
               "torch.quantile", "torch.Tensor.quantile", "torch.nanquantile", "torch.Tensor.nanquantile",
               "numpy.percentile", "numpy.quantile", "numpy.nanpercentile", "numpy.nanquantile")
 try:
@@ -1037,11 +1039,11 @@ with exercise("Exercise 6: packing"):
     back = unpack_4bit(pack_4bit(codes), (5, 7))
     check_equal(back.to(torch.int64), codes, "round trip of a [5, 7] tensor")
 ### BEGIN HIDDEN TESTS
-from qcore import quant as _quant
+from qcore import packing as _packing
 from qcore.checks import forbid, reference
 
-_forbidden = ("qcore.quant.pack", "qcore.quant.unpack", "qcore.quant.pack_int4", "qcore.quant.unpack_int4",
-              "qcore.quant.pack_int2", "qcore.quant.unpack_int2")
+_forbidden = ("qcore.packing.pack", "qcore.packing.unpack", "qcore.packing.pack_int4", "qcore.packing.unpack_int4",
+              "qcore.packing.pack_int2", "qcore.packing.unpack_int2")
 
 
 def _check(_codes, _want, _what):
@@ -1065,14 +1067,14 @@ _g = torch.Generator().manual_seed(9)
 for _t in range(30):
     _shape = tuple(torch.randint(1, 8, (int(torch.randint(1, 4, (1,), generator=_g)),), generator=_g).tolist())
     _codes = torch.randint(0, 16, _shape, generator=_g)
-    _check(_codes, _quant.pack_int4(_codes), f"random codes of shape {_shape}")
+    _check(_codes, _packing.pack_int4(_codes), f"random codes of shape {_shape}")
 ### END HIDDEN TESTS
 
 # %% [markdown]
 # ### What 4 bits cost, for real
 #
 # The layer 3 `ffn.lin1` matrix at 4 bits with a scale per group of 64: the codes packed by
-# `qcore.quant.pack_int4` (the same layout as your function), the FP16 scales, and the
+# `qcore.packing.pack_int4` (the same layout as your function), the FP16 scales, and the
 # arithmetic `n * bits / 8 + ceil(n / group_size) * 2` bytes.
 
 # %%

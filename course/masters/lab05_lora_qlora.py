@@ -39,7 +39,6 @@ import gc
 import math
 import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -49,10 +48,11 @@ from torch import nn
 from qcore import lora
 from qcore.measure import describe_device, parameter_bytes, peak_memory
 from qcore.nf4 import dequantize_nf4, nf4_codebook, quantize_nf4
-from qcore.quant import PerGroup, choose_qparams, fake_quantize, sqnr_db, unpack_int4
-from qcore.train import compute_dtype, progress, seed_everything, under_grader
+from qcore.quant import PerGroup, choose_qparams, fake_quantize, sqnr_db
+from qcore.packing import unpack_int4
+from qcore.train import compute_dtype, seed_everything, train, under_grader
 from qcore.zoo import HUB_CAUSAL_LM, load_causal_lm, load_sentiment_data
-from qcore.zoo.causal_lm import answer_logits, sentiment_logits, sentiment_train_batches
+from qcore.zoo.prompted_sentiment import answer_loss, sentiment_accuracy, sentiment_batches, sentiment_logits
 
 EPS = torch.finfo(torch.float32).eps
 
@@ -100,7 +100,7 @@ def fresh_model(dtype: torch.dtype | None = None):
 base_model, tokenizer = fresh_model()
 data = load_sentiment_data("movies")
 train_split, test_split = data.train, data.test
-test_texts, test_labels = test_split.texts[:N_TEST], torch.tensor(test_split.labels[:N_TEST])
+test_texts = test_split.texts[:N_TEST]
 config = base_model.config
 print(describe_device())
 print(f"SmolLM2: {config.num_hidden_layers} layers, width {config.hidden_size}, "
@@ -112,8 +112,7 @@ print(f"{train_split.texts[0]!r} -> label {train_split.labels[0]}")
 
 def accuracy(model) -> float:
     """Share of the test sentences whose larger label-word logit is the right one."""
-    logits = sentiment_logits(model, tokenizer, test_texts)
-    return (logits.argmax(-1) == test_labels).float().mean().item()
+    return sentiment_accuracy(model, tokenizer, test_split, limit=N_TEST)
 
 
 zero_shot = accuracy(base_model)
@@ -454,36 +453,8 @@ except NotImplementedError:
 # there, not for every prompt token). Batches hold sentences of similar length (less padding).
 
 # %%
-train_batches = sentiment_train_batches(tokenizer, train_split, BATCH_SIZE, limit=N_TRAIN, device=DEVICE)
-
-
-def sync() -> None:
-    if DEVICE.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def train(model, batches: list, lr: float, desc: str, steps: int | None = None) -> dict:
-    """AdamW on the trainable parameters; returns losses and the wall time of each step."""
-    seed_everything(0)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    model.train()
-    losses, seconds = [], []
-    bar = progress(batches[:steps], desc=desc)
-    for batch in bar:
-        start = time.perf_counter()
-        logits = answer_logits(model, batch["input_ids"], batch["attention_mask"])
-        loss = F.cross_entropy(logits.float(), batch["targets"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync()
-        seconds.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    model.eval()
-    return {"losses": losses, "seconds": seconds}
+train_batches = sentiment_batches(tokenizer, train_split.texts[:N_TRAIN], train_split.labels[:N_TRAIN], BATCH_SIZE,
+                                  shuffle=True, device=DEVICE)  # the training order: similar lengths, shuffled
 
 
 def weight_bytes(model) -> int:
@@ -509,11 +480,13 @@ def experiment(name: str, model, lr: float = LR, steps: int | None = None) -> di
     """Train, measuring peak training memory and time per step (accuracy: `evaluate`, next)."""
     trainable = lora.count_parameters(model)[0]
     release_freed_memory()
-    run = {}
-    peak = peak_memory(lambda: run.update(train(model, train_batches, lr, name, steps)), DEVICE)
-    step_s = statistics.median(run["seconds"][1:] or run["seconds"])  # the first step allocates
+    runs = []  # the course's loop: AdamW at a constant rate, no clipping; the loss of the label word
+    peak = peak_memory(lambda: runs.append(train(model, train_batches[:steps], answer_loss, lr, decay=False,
+                                                 clip=None, desc=name)), DEVICE)
+    seconds = runs[0].seconds
+    step_s = statistics.median(seconds[1:] or seconds)  # the first step allocates
     row = {"trainable": trainable, "weights_mb": weight_bytes(model) / 1e6, "peak_mb": peak / 1e6,
-           "step_s": step_s, "steps": len(run["seconds"]), "loss": run["losses"], "accuracy": float("nan")}
+           "step_s": step_s, "steps": len(seconds), "loss": runs[0].losses, "accuracy": float("nan")}
     print(f"{name}: {row['steps']} steps, loss {row['loss'][0]:.3f} -> {statistics.mean(row['loss'][-4:]):.3f}, "
           f"{step_s:.2f} s/step")
     return row
@@ -635,7 +608,7 @@ with exercise("Exercise 3: NF4"):
 from qcore.checks import forbid, reference
 
 _forbidden = ("qcore.nf4.nf4_codebook", "qcore.nf4.quantize_nf4", "qcore.nf4.dequantize_nf4", "qcore.nf4._codebook",
-              "qcore.nf4._nearest_codes", "qcore.lora.NF4Linear.from_linear")
+              "qcore.nf4._nearest_codes", "qcore.layers.NF4Linear.from_linear")
 _ref = reference("lab05_lora_qlora", "nf4")
 with forbid(*_forbidden):
     _cb = nf4_codebook_from_quantiles()
@@ -964,7 +937,7 @@ with exercise("Exercise 6: QLoRALinear"):
 from qcore.checks import forbid, reference
 
 _forbidden = ("qcore.lora.QLoRALinear.__init__", "qcore.lora.LoRALinear.forward", "qcore.lora.LoRALinear.__init__",
-              "qcore.lora.NF4Linear.forward", "qcore.lora.NF4Linear.from_linear", "qcore.lora.add_lora")
+              "qcore.layers.NF4Linear.forward", "qcore.layers.NF4Linear.from_linear", "qcore.lora.add_lora")
 _ref = reference("lab05_lora_qlora", "qlora")
 for _i in range(int(_ref["n_cases"])):
     _w, _x = torch.from_numpy(_ref[f"w{_i}"]), torch.from_numpy(_ref[f"x{_i}"])
@@ -1001,7 +974,7 @@ for _i in range(int(_ref["n_cases"])):
 
 # %% [markdown]
 # qcore's `lora.QLoRALinear` is the same layer with one difference that matters in training: its
-# base (`lora.NF4Linear`) dequantizes the weight in the forward *and again in the backward*, through
+# base (`qcore.layers.NF4Linear`) dequantizes the weight in the forward *and again in the backward*, through
 # a custom autograd function. A plain `F.linear(x, w_hat)` (as in your layer) makes autograd keep
 # every layer's dequantized FP32 weight alive until the backward pass, which undoes the memory
 # saving; recomputing it costs a little time instead. bitsandbytes does the same (`MatMul4Bit`).

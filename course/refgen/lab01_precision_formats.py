@@ -7,13 +7,12 @@ from a student function. Fixed seeds: a rerun writes the same arrays.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qcourse.refdata import randn
+from qcourse.refdata import generator_main, randn, write_references
 from qcore.formats import BF16, FP16, FP32, FloatFormat, compose, decompose, memory_bytes, round_to_format
 
 LAB = "lab01_precision_formats"
@@ -28,10 +27,6 @@ REBUILD_LAYOUTS = [(8, 23), (5, 10), (8, 7), (5, 2), (2, 1), (3, 4), (4, 3), (6,
 # this lab comes from bit operations, exact powers of two and exact arithmetic on them, so a
 # regenerated file must be bit-identical on any machine.
 CPU_DEPENDENT: dict[str, dict[str, int]] = {}
-
-
-def _save(out_dir: Path, name: str, **arrays: np.ndarray) -> None:
-    np.savez_compressed(out_dir / f"{name}.npz", **arrays)
 
 
 def _fields(bits: torch.Tensor, dtype: torch.dtype, fmt: FloatFormat) -> dict[str, np.ndarray]:
@@ -148,17 +143,11 @@ def memory_refs(gen: torch.Generator) -> dict[str, np.ndarray]:
 
 def make(out_dir: Path) -> None:
     """Write every reference file of the lab into ``out_dir`` (created if needed)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(SEED)
-    _save(out_dir, "split_bits", **split_bits_refs(gen))
-    _save(out_dir, "fields_to_value", **rebuild_refs(gen))
-    _save(out_dir, "format_limits", **limits_refs())
-    _save(out_dir, "round_to_bf16", **bf16_refs(gen))
-    _save(out_dir, "model_bytes", **memory_refs(gen))
+    gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
+    write_references(out_dir, {"split_bits": split_bits_refs(gen), "fields_to_value": rebuild_refs(gen),
+                               "format_limits": limits_refs(), "round_to_bf16": bf16_refs(gen),
+                               "model_bytes": memory_refs(gen)})
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: python {Path(__file__).name} OUT_DIR")
-    make(Path(sys.argv[1]))
+    generator_main(make, LAB)

@@ -7,15 +7,15 @@ NumPy (percentiles), never from a student function. Fixed seeds: a rerun writes 
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from qcourse.refdata import randn
-from qcore.quant import (PerChannel, PerGroup, choose_qparams, fake_quantize, mse, pack_int4,
-                         qparams_from_range, qrange, quantize, dequantize, sqnr_db)
+from qcourse.refdata import generator_main, randn, write_references
+from qcore.quant import (PerChannel, PerGroup, choose_qparams, fake_quantize, mse, qparams_from_range,
+                         qrange, quantize, dequantize, sqnr_db)
+from qcore.packing import pack_int4
 
 LAB = "lab02_calibration"
 SEED = 20240502
@@ -29,10 +29,6 @@ CPU_DEPENDENT = {
     "clipping": {"mse_table*": 6000},  # MSE over up to 6,000 values per threshold
     "errors": {"mse": 4000, "sqnr": 4000},  # sums over up to 4,000 values
 }
-
-
-def _save(out_dir: Path, name: str, **arrays: np.ndarray) -> None:
-    np.savez_compressed(out_dir / f"{name}.npz", **arrays)
 
 
 # ----------------------------------------------------------------------------- scale, zero-point
@@ -248,18 +244,11 @@ def pack_refs(gen: torch.Generator) -> dict[str, np.ndarray]:
 
 def make(out_dir: Path) -> None:
     """Write every reference file of the lab into ``out_dir`` (created if needed)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(SEED)
-    _save(out_dir, "scale_zero_point", **scale_zero_point_refs(gen))
-    _save(out_dir, "quantize", **quantize_refs(gen))
-    _save(out_dir, "errors", **error_refs(gen))
-    _save(out_dir, "granularity", **granularity_refs(gen))
-    _save(out_dir, "clipping", **clipping_refs(gen))
-    _save(out_dir, "pack", **pack_refs(gen))
+    gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
+    write_references(out_dir, {"scale_zero_point": scale_zero_point_refs(gen), "quantize": quantize_refs(gen),
+                               "errors": error_refs(gen), "granularity": granularity_refs(gen),
+                               "clipping": clipping_refs(gen), "pack": pack_refs(gen)})
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: python {Path(__file__).name} OUT_DIR")
-    make(Path(sys.argv[1]))
+    generator_main(make, LAB)

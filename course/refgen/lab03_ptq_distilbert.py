@@ -8,17 +8,18 @@ models here are small and built from fixed seeds). A rerun writes the same array
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from qcourse.refdata import init_linears_, randn
-from qcore.ptq import (QuantLinear, dequantize_weight, int8_linear, layer_sensitivity, most_sensitive,
-                       quantize_per_token, quantize_weight)
-from qcore.smoothquant import calibrate, fold_smoothing, smoothing_factors
+from qcourse.refdata import generator_main, init_linears_, randn, to_numpy as _np, write_references
+from qcore.ptq import layer_sensitivity, most_sensitive
+from qcore.int8 import int8_linear, quantize_per_token
+from qcore.layers import QuantLinear, quantize_weight
+from qcore.quant import dequantize
+from qcore.smoothquant import fold_smoothing, input_absmax, smoothing_factors
 
 LAB = "lab03_ptq_distilbert"
 SEED = 20240503
@@ -34,14 +35,6 @@ CPU_DEPENDENT = {
     "smoothquant": {"s*": 8, "fold*_y*": 64},  # pow for the factors; LayerNorm + product of 8 terms
     "sensitivity": {"damage": 256},  # a mean over 128 outputs of a 3-layer model
 }
-
-
-def _save(out_dir: Path, name: str, **arrays) -> None:
-    np.savez_compressed(out_dir / f"{name}.npz", **{k: np.asarray(v) for k, v in arrays.items()})
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().clone().numpy()  # a copy: later in-place changes must not reach it
 
 
 def _far_from_ties(w: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
@@ -64,16 +57,17 @@ def weight_only_refs(gen: torch.Generator) -> dict:
         w[0] = 0.0  # an all-zero row: a finite, positive scale
         w[1, 3] = 40 * w[1].abs().max() + 1.0  # an outlier
         for _ in range(3):  # nudging can move a group's maximum: settle it
-            _, scale = quantize_weight(w, bits, group or None)
+            scale = quantize_weight(w, bits, group or None)[1].scale
             w = _far_from_ties(w, scale, group or n_in)
         if n_in >= 8 and n_out >= 3 and bits >= 4:  # exact ties in float32 and float64: scale 1.0
             qmax = 2 ** (bits - 1) - 1
             w[2, :4] = torch.tensor([qmax, 2.5, -2.5, 0.5])
             w[2, 4:(group or n_in)] = w[2, 4:(group or n_in)].clamp(-1.0, 1.0)
-        codes, scale = quantize_weight(w, bits, group or None)
+        codes, qp = quantize_weight(w, bits, group or None)
+        scale = qp.scale
         x = randn(3, n_in, generator=gen)
         bias = randn(n_out, generator=gen) if has_bias else None
-        y = torch.nn.functional.linear(x, dequantize_weight(codes, scale), bias)
+        y = torch.nn.functional.linear(x, dequantize(codes, qp), bias)
         out.update({f"w{i}": _np(w), f"bits{i}": bits, f"group{i}": group, f"x{i}": _np(x),
                     f"bias{i}": _np(bias) if has_bias else np.zeros(0, np.float32), f"has_bias{i}": has_bias,
                     f"codes{i}": _np(codes), f"scale{i}": _np(scale), f"y{i}": _np(y)})
@@ -138,7 +132,7 @@ def static_refs(gen: torch.Generator) -> dict:
     shapes = [(2, 4, 6), (1, 7, 6), (3, 2, 6), (2, 5, 6)]
     batches = [randn(*s, generator=gen) * (1 + 3 * torch.rand(6, generator=gen)) for s in shapes]
     batches[1][0, 2, 1] = -25.0  # a negative extreme, in the second batch
-    absmax = calibrate(model, ["0", "2", "4"], lambda m: [m(b) for b in batches])
+    absmax = input_absmax(model, ["0", "2", "4"], lambda m: [m(b) for b in batches])
     out = {f"state.{k}": _np(v) for k, v in model.state_dict().items()}
     out.update({f"batch{i}": _np(b) for i, b in enumerate(batches)})
     out["n_batches"] = len(batches)
@@ -226,7 +220,7 @@ def sensitivity_refs(gen: torch.Generator) -> dict:
     with torch.no_grad():
         ref = model(x)
     names = ["0.0", "1", "3"]
-    damage = layer_sensitivity(model, names, lambda lin: QuantLinear(lin, 4, 4),
+    damage = layer_sensitivity(model, names, lambda lin: QuantLinear.from_linear(lin, 4, 4),
                                lambda m: ((m(x) - ref) ** 2).mean().item())
     out = {f"state.{k}": _np(v) for k, v in model.state_dict().items()}
     out.update(x=_np(x), names=np.array(names), damage=np.array([damage[n] for n in names]))
@@ -240,17 +234,11 @@ def sensitivity_refs(gen: torch.Generator) -> dict:
 
 def make(out_dir: Path) -> None:
     """Write every reference file of the lab into ``out_dir`` (created if needed)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(SEED)
-    _save(out_dir, "weight_only", **weight_only_refs(gen))
-    _save(out_dir, "dynamic", **dynamic_refs(gen))
-    _save(out_dir, "static", **static_refs(gen))
-    _save(out_dir, "smoothquant", **smoothquant_refs(gen))
-    _save(out_dir, "sensitivity", **sensitivity_refs(gen))
+    gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
+    write_references(out_dir, {"weight_only": weight_only_refs(gen), "dynamic": dynamic_refs(gen),
+                               "static": static_refs(gen), "smoothquant": smoothquant_refs(gen),
+                               "sensitivity": sensitivity_refs(gen)})
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: python {Path(__file__).name} OUT_DIR")
-    make(Path(sys.argv[1]))
+    generator_main(make, LAB)

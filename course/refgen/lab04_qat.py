@@ -8,15 +8,15 @@ the same arrays.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from qcourse.refdata import init_linears_, randn
-from qcore.qat import FakeQuantLinear, convert, fake_quantize_ste, freeze_observers, lsq_fake_quantize, prepare_qat
+from qcourse.refdata import generator_main, init_linears_, randn, to_numpy as _np, write_references
+from qcore.qat import FakeQuantLinear, convert, freeze_observers, lsq_fake_quantize, prepare_qat
+from qcore.quant import fake_quantize_ste
 
 LAB = "lab04_qat"
 SEED = 20240504
@@ -30,14 +30,6 @@ CPU_DEPENDENT = {
     "lsq": {"grad_scale*": 64},  # a sum over up to 32 weights per scale
     "prepare_convert": {"y": 64},  # three layers with GELU and LayerNorm, 7 wide
 }
-
-
-def _save(out_dir: Path, name: str, **arrays) -> None:
-    np.savez_compressed(out_dir / f"{name}.npz", **{k: np.asarray(v) for k, v in arrays.items()})
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().clone().numpy()
 
 
 def _far_from_ties(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -113,7 +105,7 @@ def fake_linear_refs(gen: torch.Generator) -> dict:
             y.backward(grad_out)
             scale, zp = fq.act_qparams()
             out.update({f"x{i}_{j}": _np(x), f"grad_out{i}_{j}": _np(grad_out), f"y{i}_{j}": _np(y),
-                        f"grad_x{i}_{j}": _np(xr.grad), f"range{i}_{j}": _np(torch.stack([fq.act_min, fq.act_max])),
+                        f"grad_x{i}_{j}": _np(xr.grad), f"range{i}_{j}": _np(torch.stack(list(fq.input_observer.clip_range()))),
                         f"act_scale{i}_{j}": np.float32(scale.item()), f"act_zero_point{i}_{j}": np.float32(zp.item())})
         out[f"grad_w{i}"] = _np(lin.weight.grad)
     return out
@@ -148,7 +140,7 @@ def prepare_convert_refs(gen: torch.Generator) -> dict:
     out.update({f"batch{j}": _np(b) for j, b in enumerate(batches)})
     out["lsq.2.0.0"] = _np(lsq)
     for n in names:
-        out[f"codes.{n}"] = _np(c.get_submodule(n).codes)
+        out[f"codes.{n}"] = _np(c.get_submodule(n).codes())
         out[f"scale.{n}"] = _np(c.get_submodule(n).scale)
     return out
 
@@ -178,16 +170,10 @@ def lsq_refs(gen: torch.Generator) -> dict:
 
 def make(out_dir: Path) -> None:
     """Write every reference file of the lab into ``out_dir`` (created if needed)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(SEED)
-    _save(out_dir, "ste", **ste_refs(gen))
-    _save(out_dir, "fake_linear", **fake_linear_refs(gen))
-    _save(out_dir, "prepare_convert", **prepare_convert_refs(gen))
-    _save(out_dir, "lsq", **lsq_refs(gen))
+    gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
+    write_references(out_dir, {"ste": ste_refs(gen), "fake_linear": fake_linear_refs(gen),
+                               "prepare_convert": prepare_convert_refs(gen), "lsq": lsq_refs(gen)})
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit(f"usage: python {Path(__file__).name} OUT_DIR")
-    make(Path(sys.argv[1]))
+    generator_main(make, LAB)

@@ -9,17 +9,17 @@ same arrays.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from qcourse.refdata import linspace, randn
+from qcourse.refdata import generator_main, linspace, randn, to_numpy as _np, write_references
 from qcore import lora
 from qcore.nf4 import _dequantize_absmax, _midpoints, _quantize_absmax, dequantize_nf4, nf4_codebook, quantize_nf4
-from qcore.quant import PerGroup, choose_qparams, fake_quantize, sqnr_db, unpack_int4
+from qcore.quant import PerGroup, choose_qparams, fake_quantize, sqnr_db
+from qcore.packing import unpack_int4
 
 LAB = "lab05_lora_qlora"
 SEED = 20240505
@@ -35,14 +35,6 @@ CPU_DEPENDENT = {
     "double_quant": {"offset*": 1024, "rebuilt*": 1024},  # the mean of up to 1,000 absmax values
     "int4": {"sqnr*": 1024},  # sums over up to 1,024 weights
 }
-
-
-def _save(out_dir: Path, name: str, **arrays) -> None:
-    np.savez_compressed(out_dir / f"{name}.npz", **{k: np.asarray(v) for k, v in arrays.items()})
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().clone().numpy()
 
 
 def _lora_layer(cls, w, b, a, bb, r, alpha):
@@ -204,14 +196,18 @@ def qlora_refs(gen: torch.Generator) -> dict:
                                              (192, 3, 1, 2, True)])
 
 
+def _seeded(name: str, refs) -> dict:
+    """One file's arrays, from a generator of its own (seeded by the file's name)."""
+    torch.manual_seed(SEED)  # the adapters' own initialisation draws from the global generator
+    return refs(torch.Generator().manual_seed(SEED + len(name)))
+
+
 def make(out_dir: Path) -> None:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, fn in (("lora", lora_refs), ("arithmetic", arithmetic_refs), ("nf4", nf4_refs),
-                     ("double_quant", double_refs), ("int4", int4_refs), ("qlora", qlora_refs)):
-        torch.manual_seed(SEED)  # the adapters' own initialisation draws from the global generator
-        _save(out_dir, name, **fn(torch.Generator().manual_seed(SEED + len(name))))
+    """Write every reference file of the lab into ``out_dir`` (created if needed)."""
+    write_references(out_dir, {name: _seeded(name, refs) for name, refs in (
+        ("lora", lora_refs), ("arithmetic", arithmetic_refs), ("nf4", nf4_refs),
+        ("double_quant", double_refs), ("int4", int4_refs), ("qlora", qlora_refs))})
 
 
 if __name__ == "__main__":
-    make(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parents[1] / "reference" / LAB)
+    generator_main(make, LAB)

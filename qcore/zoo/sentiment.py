@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from qcore import assets
+from qcore.zoo.prepared import model_dir, prepared_dir, read_meta, writing
 
 DOMAINS = {
     "movies": "movieReviewSnippets", "tweets": "tweets",
@@ -187,7 +188,8 @@ def distilbert_from_minilm(seed: int = 0):
 
 
 def sentiment_model_dir() -> Path:
-    return assets.cache_dir() / "models" / MODEL_DIR_NAME
+    """Where ``prepare_sentiment_model`` caches the fine-tuned classifier and its tokenizer."""
+    return model_dir(MODEL_DIR_NAME)
 
 
 def prepare_sentiment_model(force: bool = False, verbose: bool = True) -> dict:
@@ -196,16 +198,13 @@ def prepare_sentiment_model(force: bool = False, verbose: bool = True) -> dict:
     Does nothing when a model trained with the current ``RECIPE`` is cached. Returns its metadata
     (recipe, measured validation and test accuracy).
     """
-    from qcore.train import evaluate_classifier, set_threads, train_classifier
+    from qcore.train import classifier_batches, classifier_loss, evaluate_classifier, set_threads, train
 
-    out = sentiment_model_dir()
-    meta_file = out / "qcourse.json"
-    if not force and meta_file.is_file():
-        meta = json.loads(meta_file.read_text())
-        if meta.get("recipe") == RECIPE and (out / "model.safetensors").is_file():
-            if verbose:
-                print(f"sentiment model: ok (test accuracy {meta['test_accuracy']:.3f})")
-            return meta
+    meta = read_meta(MODEL_DIR_NAME)
+    if not force and meta and meta.get("recipe") == RECIPE and (sentiment_model_dir() / "model.safetensors").is_file():
+        if verbose:
+            print(f"sentiment model: ok (test accuracy {meta['test_accuracy']:.3f})")
+        return meta
     set_threads()
     data = load_sentiment_data(RECIPE["domain"], seed=RECIPE["seed"])
     tok = load_tokenizer()
@@ -214,22 +213,18 @@ def prepare_sentiment_model(force: bool = False, verbose: bool = True) -> dict:
         model.distilbert.embeddings.word_embeddings.weight.requires_grad_(False)
     if verbose:
         print(f"sentiment model: fine-tuning MiniLM-in-DistilBERT on {len(data.train)} movie sentences")
-    train_classifier(model, tok, data.train, epochs=RECIPE["epochs"], lr=RECIPE["lr"],
-                     batch_size=RECIPE["batch_size"], max_length=RECIPE["max_length"], seed=RECIPE["seed"])
+    batches = classifier_batches(tok, data.train.texts, data.train.labels, RECIPE["batch_size"],
+                                 RECIPE["max_length"], shuffle=True, epochs=RECIPE["epochs"], seed=RECIPE["seed"])
+    # AdamW with weight decay 0.01, 10% linear warm-up, then linear decay to 0; gradients clipped to 1.
+    train(model, batches, classifier_loss, lr=RECIPE["lr"], weight_decay=0.01, warmup=0.1, seed=RECIPE["seed"])
     meta = {"recipe": RECIPE,
             "validation_accuracy": evaluate_classifier(model, tok, data.validation),
             "test_accuracy": evaluate_classifier(model, tok, data.test)}
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(str(tmp))
-    tok.save_pretrained(str(tmp))
-    (tmp / "qcourse.json").write_text(json.dumps(meta, indent=2))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with writing(MODEL_DIR_NAME, meta) as tmp:
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
     if verbose:
-        print(f"sentiment model: cached in {out} (test accuracy {meta['test_accuracy']:.3f})")
+        print(f"sentiment model: cached in {sentiment_model_dir()} (test accuracy {meta['test_accuracy']:.3f})")
     return meta
 
 
@@ -242,11 +237,7 @@ def load_sentiment_model(name: str | None = None, device: str = "cpu"):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if name is None:
-        path = sentiment_model_dir()
-        if not (path / "qcourse.json").is_file():
-            raise assets.AssetError(f"the fine-tuned sentiment model is not in {path}. "
-                                    f"Run: {assets.FETCH_COMMAND}")
-        name = str(path)
+        name = str(prepared_dir(MODEL_DIR_NAME, "the fine-tuned sentiment model"))
     model = AutoModelForSequenceClassification.from_pretrained(name).to(device).eval()
     tok = AutoTokenizer.from_pretrained(name)
     tok.model_input_names = ["input_ids", "attention_mask"]

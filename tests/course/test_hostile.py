@@ -40,15 +40,16 @@ def scratch_course(root: Path) -> Path:
     return root
 
 
-def honest(dest: Path, solution) -> dict[str, Path]:
+# The honest students are the notebooks of lab 1's class in conftest.py, copied byte for byte:
+# there they are graded with no hostile case in the class (alone), here among the hostile cases.
+HONEST = {"alice": "solution", "bob": "untouched", "carol": "carol"}  # name here: name there
+
+
+def honest(dest: Path, benign_subs: Path) -> dict[str, Path]:
     dest.mkdir(parents=True, exist_ok=True)
-    nbformat.write(solution, dest / "alice.ipynb")
-    shutil.copy(build_mod.REPO / "labs" / f"{LAB}.ipynb", dest / "bob.ipynb")
-    carol = nbformat.from_dict(solution)
-    next(c for c in carol.cells if c.get("id") == "ex5_model_bytes").source = (
-        "def model_bytes(n_params, bits, group_size=None, scale_bits=16):\n    return n_params * bits / 8\n")
-    nbformat.write(carol, dest / "carol.ipynb")
-    return {p.stem: p for p in sorted(dest.glob("*.ipynb"))}
+    for name, there in HONEST.items():
+        shutil.copy(benign_subs / f"{there}.ipynb", dest / f"{name}.ipynb")
+    return {name: dest / f"{name}.ipynb" for name in HONEST}
 
 
 def digest(paths) -> dict[str, str]:
@@ -56,12 +57,12 @@ def digest(paths) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory):
+def graded(tmp_path_factory, real_lab_classes):
     tmp = tmp_path_factory.mktemp("hostile")
     course = scratch_course(tmp / "course")
     solution = load_master(find_masters(course)[LAB])
     subs = tmp / "subs"
-    honest(subs, solution)
+    honest(subs, real_lab_classes(LAB).subs)
     expected = cases.build(subs, course, solution, build_mod.REPO)
     watched = [build_mod.REPO / "README.md", build_mod.REPO / "qcore" / "checks.py",
                *sorted((course / "masters").glob("*")), *sorted((course / "reference").rglob("*.npz"))]
@@ -118,15 +119,13 @@ def test_gradebook_is_consistent(graded):
     assert rows == {sid: o.score for sid, o in outcomes.items()}
 
 
-def test_honest_students_get_the_grade_they_get_alone(graded):
-    _, _, outcomes, _, _, solution, tmp = graded
-    alone_course = scratch_course(tmp / "alone")
-    alone = {o.student: o.score for o in autograde(honest(tmp / "alone-subs", solution), LAB, jobs=2,
-                                                   course_root=alone_course, log=print)}
+def test_honest_students_get_the_grade_they_get_alone(graded, real_lab_classes):
+    _, _, outcomes, *_ = graded
+    benign = real_lab_classes(LAB)  # the same notebooks, graded in a class with no hostile case
+    alone = {name: benign.outcomes[there].score for name, there in HONEST.items()}
     assert alone == {"alice": 10.0, "bob": 0.0, "carol": 9.0}
     assert {s: outcomes[s].score for s in alone} == alone
-    again = autograde({"carol": tmp / "alone-subs" / "carol.ipynb"}, LAB, course_root=alone_course,
-                      force=True, log=print)
+    again = autograde({"carol": benign.subs / "carol.ipynb"}, LAB, course_root=benign.course, force=True, log=print)
     assert again[0].score == alone["carol"]
 
 

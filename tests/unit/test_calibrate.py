@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcore.calibrate import (EntropyObserver, MinMaxObserver, MovingAverageMinMaxObserver,
-                             MSEObserver, PercentileObserver, _Histogram)
+from qcore.calibrate import MinMaxObserver, MovingAverageMinMaxObserver, PercentileObserver, _Histogram
+from qcore.clipping import EntropyObserver, MSEObserver
 from qcore.quant import (MIN_SCALE, PerChannel, PerGroup, PerTensor, choose_qparams,
                          fake_quantize, mse, qparams_from_range)
 

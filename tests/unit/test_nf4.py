@@ -11,7 +11,8 @@ from hypothesis.extra.numpy import arrays
 
 from qcore.nf4 import (ABSMAX_BLOCK_SIZE, ZERO_CODE, bits_per_param, dequantize_nf4,
                        nf4_codebook, quantize_nf4)
-from qcore.quant import PerGroup, choose_qparams, dequantize, mse, quantize, unpack_int4
+from qcore.quant import PerGroup, choose_qparams, dequantize, mse, quantize
+from qcore.packing import unpack_int4
 
 CB = nf4_codebook()
 MAX_HALF_GAP = ((CB[1:] - CB[:-1]) / 2).max().item()  # worst rounding error on the [-1, 1] grid

@@ -9,13 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import qcore.int8
 from qcore import ptq
 from qcore.measure import size_on_disk
-from qcore.ptq import (SCHEMES, Int8Linear, QuantEmbedding, QuantLinear, dequantize_weight, int8_linear,
-                       int8_matmul, int8_matmul_by_float32_slices, layer_sensitivity, linear_names, logit_damage,
-                       most_sensitive, quantize_linear, quantize_model, quantize_per_token, quantize_weight)
-from qcore.quant import MIN_SCALE, PerChannel, PerGroup, choose_qparams, fake_quantize
-from qcore.smoothquant import (calibrate, fold_smoothing, smooth_linear, smoothing_factors, smoothquant_factors,
+from qcore.ptq import (SCHEMES, layer_sensitivity, linear_names, logit_damage,
+                       most_sensitive, quantize_linear, quantize_model)
+from qcore.int8 import int8_linear, int8_matmul, int8_matmul_by_float32_slices, quantize_per_token
+from qcore.layers import Int8Linear, QuantEmbedding, QuantLinear, quantize_weight
+from qcore.quant import MIN_SCALE, PerChannel, PerGroup, choose_qparams, dequantize, fake_quantize
+from qcore.smoothquant import (fold_smoothing, input_absmax, smooth_linear, smoothing_factors, smoothquant_factors,
                                static_input_scales)
 
 with warnings.catch_warnings():
@@ -40,7 +42,8 @@ def small_distilbert(seed=0, dim=32, layers=2):
 def test_quantize_weight_per_channel_matches_torch_observer_and_fake_quantize():
     w = torch.randn(16, 40, generator=gen()) * torch.logspace(-3, 1, 16).unsqueeze(1)
     w[3] = 0.0
-    codes, scale = quantize_weight(w)
+    codes, qp = quantize_weight(w)
+    scale = qp.scale
     obs = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
                                    quant_min=-127, quant_max=127)
     obs(w)
@@ -48,33 +51,34 @@ def test_quantize_weight_per_channel_matches_torch_observer_and_fake_quantize():
     assert torch.allclose(scale.flatten(), t_scale, rtol=1e-6) and not t_zp.any()
     assert scale.shape == (16, 1) and codes.dtype == torch.int8 and int(codes.abs().max()) == 127
     want = torch.fake_quantize_per_channel_affine(w, scale.flatten(), torch.zeros(16, dtype=torch.int32), 0, -127, 127)
-    assert torch.equal(dequantize_weight(codes, scale), want)
+    assert torch.equal(dequantize(codes, qp), want)
     assert scale[3].item() == MIN_SCALE and not codes[3].any()
 
 
 @pytest.mark.parametrize("bits,group", [(4, 8), (4, 128), (8, 64), (3, 16), (2, 4)])
 def test_quantize_weight_per_group_equals_per_channel_on_the_groups(bits, group):
     w = torch.randn(6, 256, generator=gen(bits))
-    codes, scale = quantize_weight(w, bits, group)
+    codes, qp = quantize_weight(w, bits, group)
+    scale = qp.scale
     assert scale.shape == (6, 256 // group)
     qmax = 2 ** (bits - 1) - 1
-    rows, rows_scale = quantize_weight(w.reshape(-1, group), bits)  # each group as its own row
-    assert torch.equal(codes.reshape(-1, group), rows) and torch.equal(scale.reshape(-1, 1), rows_scale)
+    rows, rows_qp = quantize_weight(w.reshape(-1, group), bits)  # each group as its own row
+    assert torch.equal(codes.reshape(-1, group), rows) and torch.equal(scale.reshape(-1, 1), rows_qp.scale)
     assert int(codes.abs().max()) == qmax
     fq = fake_quantize(w, choose_qparams(w, bits, True, PerGroup(group)))
-    assert torch.equal(dequantize_weight(codes, scale), fq)
+    assert torch.equal(dequantize(codes, qp), fq)
 
 
 def test_quantize_weight_ties_go_to_even():
-    codes, scale = quantize_weight(torch.tensor([[127.0, 2.5, 3.5, -2.5, 0.5]]))
-    assert scale.item() == 1.0 and codes.tolist() == [[127, 2, 4, -2, 0]]
+    codes, qp = quantize_weight(torch.tensor([[127.0, 2.5, 3.5, -2.5, 0.5]]))
+    assert qp.scale.item() == 1.0 and codes.tolist() == [[127, 2, 4, -2, 0]]
 
 
 @pytest.mark.parametrize("bits,group", [(8, None), (4, 128), (4, None), (8, 32)])
 def test_quant_linear_equals_the_fake_quantized_layer(bits, group):
     lin = nn.Linear(256, 12)
     x = torch.randn(2, 5, 256, generator=gen())
-    q = QuantLinear(lin, bits, group)
+    q = QuantLinear.from_linear(lin, bits, group)
     gran = PerChannel(0) if group is None else PerGroup(group)
     fq = fake_quantize(lin.weight, choose_qparams(lin.weight, bits, True, gran))
     with torch.no_grad():
@@ -86,13 +90,13 @@ def test_quant_linear_equals_the_fake_quantized_layer(bits, group):
 
 def test_quant_linear_state_dict_round_trip_and_no_bias():
     a, b = nn.Linear(64, 8, bias=False), nn.Linear(64, 8, bias=False)
-    qa, qb = QuantLinear(a, 4, 32), QuantLinear(b, 4, 32)
+    qa, qb = QuantLinear.from_linear(a, 4, 32), QuantLinear.from_linear(b, 4, 32)
     qb.load_state_dict(qa.state_dict())
     x = torch.randn(3, 64, generator=gen())
     assert torch.equal(qa(x), qb(x)) and qa.bias is None
     assert "bias" not in qa.state_dict()
     with pytest.raises(ValueError):
-        QuantLinear(a, bits=3)
+        QuantLinear.from_linear(a, bits=9)
 
 
 def test_quant_embedding_equals_fake_quantized_lookup():
@@ -137,12 +141,27 @@ def test_int8_matmul_falls_back_when_int_mm_refuses_or_is_inexact(monkeypatch):
 
     a = torch.full((3, 2000), 127, dtype=torch.int8)
     monkeypatch.setattr(torch, "_int_mm", refuse)
+    monkeypatch.setattr(qcore.int8, "cpu_has_int8_dot_product", lambda: True)
     assert torch.equal(int8_matmul(a, a.t()).long(), a.long() @ a.long().t())
     monkeypatch.setattr(torch, "_int_mm", lambda x, y: torch.zeros(x.shape[0], y.shape[1], dtype=torch.int32))
-    monkeypatch.setattr(ptq, "int_mm_is_exact", lambda: False)
+    monkeypatch.setattr(qcore.int8, "int_mm_is_exact", lambda: False)
     assert torch.equal(int8_matmul(a, a.t()).long(), a.long() @ a.long().t())
     with pytest.raises(TypeError):
         int8_matmul(a.int(), a.t())
+
+
+def test_int8_matmul_keeps_off_int_mm_on_a_cpu_without_int8_units(monkeypatch):
+    def slow(*_a):
+        raise AssertionError("torch._int_mm called on a CPU without VNNI or AMX")
+
+    a = torch.randint(-127, 128, (40, 1100), generator=torch.Generator().manual_seed(0)).to(torch.int8)
+    monkeypatch.setattr(torch, "_int_mm", slow)
+    monkeypatch.setattr(qcore.int8, "cpu_has_int8_dot_product", lambda: False)
+    monkeypatch.setattr(qcore.int8, "int_mm_is_exact", lambda: True)
+    assert torch.equal(int8_matmul(a, a.t()).long(), a.long() @ a.long().t())
+    monkeypatch.setattr(qcore.int8, "cpu_has_int8_dot_product", lambda: True)
+    with pytest.raises(AssertionError, match="without VNNI"):
+        int8_matmul(a, a.t())
 
 
 def test_int8_matmul_is_exact_where_onednn_int8_is_not():
@@ -151,7 +170,7 @@ def test_int8_matmul_is_exact_where_onednn_int8_is_not():
     import subprocess
     import sys
 
-    code = ("import torch\nfrom qcore.ptq import int8_matmul, int_mm_is_exact\n"
+    code = ("import torch\nfrom qcore.int8 import int8_matmul, int_mm_is_exact\n"
             "g = torch.Generator().manual_seed(0)\n"
             "a = torch.randint(-127, 128, (33, 1536), generator=g).to(torch.int8)\n"
             "b = torch.randint(-127, 128, (1536, 64), generator=g).to(torch.int8)\n"
@@ -176,17 +195,18 @@ def test_quantize_per_token_matches_choose_qparams():
     x[4] = 0.0
     q, s = quantize_per_token(x)
     qp = choose_qparams(x, 8, True, PerChannel(0))
-    assert torch.equal(s, qp.scale) and torch.equal(dequantize_weight(q, s), fake_quantize(x, qp))
+    assert torch.equal(s, qp.scale) and torch.equal(dequantize(q, qp), fake_quantize(x, qp))
 
 
 def test_int8_linear_equals_float_computation():
     x, w, b = torch.randn(9, 64, generator=gen()), torch.randn(5, 64, generator=gen(1)), torch.randn(5)
     qx, sx = quantize_per_token(x)
-    qw, sw = quantize_weight(w)
+    qw, qp_w = quantize_weight(w)
+    sw = qp_w.scale
     exact = (qx.double() @ qw.double().t()) * sx.double() * sw.double().t() + b.double()
     y = int8_linear(qx, sx, qw, sw, b)
     assert y.dtype == torch.float32 and torch.allclose(y.double(), exact, rtol=1e-6, atol=1e-6)
-    fq = F.linear(dequantize_weight(qx, sx), dequantize_weight(qw, sw), b)
+    fq = F.linear(qx.float() * sx, dequantize(qw, qp_w), b)
     assert torch.allclose(y, fq, rtol=1e-5, atol=1e-5)
     assert torch.allclose(int8_linear(qx, torch.tensor(0.1), qw, sw), (qx.double() @ qw.double().t() * 0.1
                                                                          * sw.double().t()).float(), rtol=1e-6)
@@ -277,7 +297,7 @@ def test_smoothquant_factors_share_one_s_per_group():
 def test_calibrate_records_input_maxima_and_removes_its_hooks():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     batches = [torch.randn(2, 5, 3, generator=gen(i)) for i in range(3)]
-    absmax = calibrate(model, ["0", "2"], lambda m: [m(b) for b in batches])
+    absmax = input_absmax(model, ["0", "2"], lambda m: [m(b) for b in batches])
     allx = torch.cat([b.reshape(-1, 3) for b in batches])
     assert torch.equal(absmax["0"], allx.abs().amax(0))
     with torch.no_grad():
@@ -289,7 +309,7 @@ def test_calibrate_records_input_maxima_and_removes_its_hooks():
         raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError):
-        calibrate(model, ["0"], broken)
+        input_absmax(model, ["0"], broken)
     assert not model[0]._forward_pre_hooks
     assert torch.allclose(static_input_scales(absmax)["0"], absmax["0"].max() / 127)
 
@@ -301,7 +321,7 @@ def test_quantize_model_on_a_small_distilbert(scheme):
     ids = torch.randint(0, 100, (3, 9), generator=gen())
     mask = torch.ones_like(ids)
     names = linear_names(model)
-    absmax = calibrate(model, names, lambda m: m(input_ids=ids, attention_mask=mask))
+    absmax = input_absmax(model, names, lambda m: m(input_ids=ids, attention_mask=mask))
     q = quantize_model(model, scheme, input_scales=static_input_scales(absmax), embeddings=scheme != "fp32",
                        group_size=16)
     assert all(type(model.get_submodule(n)) is nn.Linear for n in names)  # the original is untouched
@@ -357,7 +377,7 @@ def test_layer_sensitivity_one_layer_at_a_time_and_restores():
         return logit_damage(ref, m(x).detach())
 
     originals = list(model)
-    s = layer_sensitivity(model, ["0", "2", "4"], lambda lin: QuantLinear(lin, 4, 4), damage)
+    s = layer_sensitivity(model, ["0", "2", "4"], lambda lin: QuantLinear.from_linear(lin, 4, 4), damage)
     assert counts == [1, 1, 1] and all(a is b for a, b in zip(model, originals))
     assert most_sensitive(s, 1) == ["2"] and most_sensitive(s, 5) == sorted(s, key=s.get, reverse=True)
 
@@ -365,7 +385,7 @@ def test_layer_sensitivity_one_layer_at_a_time_and_restores():
         raise ValueError
 
     with pytest.raises(ValueError):
-        layer_sensitivity(model, ["2"], lambda lin: QuantLinear(lin, 4, 4), broken)
+        layer_sensitivity(model, ["2"], lambda lin: QuantLinear.from_linear(lin, 4, 4), broken)
     assert model[2] is originals[2]
 
 
@@ -387,3 +407,16 @@ def test_the_tutorials_distilbert_265_to_138_mb():
         ao = quantize_dynamic(base, {nn.Linear}, dtype=torch.qint8)
     assert round(size_on_disk(base) / 1e6) == 265 and round(size_on_disk(ao) / 1e6) == 138
     assert size_on_disk(quantize_model(base, "w8a16", embeddings=True)) < 0.26 * size_on_disk(base)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 5, 8])
+def test_quant_linear_keeps_every_code_at_any_width(bits):
+    lin = nn.Linear(64, 6)
+    codes, qp = quantize_weight(lin.weight, bits, 16)
+    q = QuantLinear(codes, qp.scale, lin.bias, bits=bits, group_size=16)
+    packed_width = 2 if bits <= 2 else 4 if bits <= 4 else 8
+    assert q.qweight.numel() * q.qweight.element_size() == 64 * 6 * packed_width // 8
+    assert torch.equal(q.codes(), codes)
+    x = torch.randn(3, 64, generator=gen())
+    with torch.no_grad():
+        assert torch.equal(q(x), F.linear(x, dequantize(codes, qp), lin.bias))

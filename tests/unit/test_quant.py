@@ -7,10 +7,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qcore.quant import (MIN_SCALE, PerChannel, PerGroup, PerTensor, choose_qparams,
-                         dequantize, fake_quantize, mse, pack, pack_int2, pack_int4,
-                         qparams_from_range, qrange, quantize, sqnr_db, unpack, unpack_int2,
-                         unpack_int4)
+from qcore.quant import (MIN_SCALE, PerChannel, PerGroup, PerTensor, choose_qparams, dequantize,
+                         fake_quantize, mse, qparams_from_range, qrange, quantize, sqnr_db)
+from qcore.packing import pack, pack_int2, pack_int4, unpack, unpack_int2, unpack_int4
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
