@@ -83,6 +83,13 @@ def under_grader() -> bool:
     return bool(os.environ.get("NBGRADER_EXECUTION"))
 
 
+def _in_kernel() -> bool:
+    """True inside a Jupyter kernel (its shell is running), not merely where ipykernel was imported."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def progress(iterable: Iterable, desc: str = "", total: int | None = None, **kw):
     """A tqdm progress bar on stdout (a widget in notebooks); silent under nbgrader and in logs.
 
@@ -96,7 +103,7 @@ def progress(iterable: Iterable, desc: str = "", total: int | None = None, **kw)
     """
     from tqdm.auto import tqdm
 
-    watched = "ipykernel" in sys.modules or getattr(sys.stdout, "isatty", lambda: False)()
+    watched = _in_kernel() or getattr(sys.stdout, "isatty", lambda: False)()
     kw["disable"] = bool(kw.get("disable")) or under_grader() or not watched
     return tqdm(iterable, desc=desc, total=total, file=sys.stdout, leave=False, **kw)
 

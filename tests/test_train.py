@@ -189,6 +189,18 @@ def test_progress_draws_on_stdout_only_where_watched(monkeypatch, capsys):
     assert "visible" in out.out and out.err == ""
 
 
+def test_progress_tells_a_kernel_from_an_imported_ipykernel(monkeypatch, capsys):
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    import ipykernel  # noqa: F401  (imported, as other tests of a run do, but no kernel runs)
+
+    list(train.progress(range(3), desc="imported only"))
+    assert capsys.readouterr() == ("", "")
+    ZMQInteractiveShell = type("ZMQInteractiveShell", (), {})
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=ZMQInteractiveShell))
+    list(train.progress(range(3), desc="in a kernel"))
+    assert "in a kernel" in capsys.readouterr().out
+
+
 def test_device_policy(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert train.pick_device() == "cpu" and train.compute_dtype("cpu") == torch.float32
