@@ -1,11 +1,12 @@
 """What the lab tests share: a lab's spec, its master run cell by cell in a notebook-like namespace.
 
 A lab is tested in two places. ``test_labNN_*.py`` holds what only that lab has: its oracle tests
-(the solution against torch, bitsandbytes, peft, qcore) and its ``SPEC``, a :class:`Lab` with its
-exercises, the solution templates and the typical wrong solutions (mutants) as data.
+(the solution against torch, bitsandbytes, peft, qcore) and its ``SPEC``, a :class:`Lab` read from
+``specs/<lab>.yaml``: its exercises, their solution templates and the typical wrong solutions
+(mutants), as data.
 ``test_lab_structure.py`` runs the same structure tests on every ``SPEC`` (markers, release,
-the untouched student notebook, hidden tests, mutants). Adding a lab means writing its module with
-a ``SPEC``; the structure suite finds it (:func:`discover_labs`). ``bench/bench_labs.py`` times
+the untouched student notebook, hidden tests, mutants). Adding a lab means writing its spec and a module
+``test_labNN_*.py`` that loads it; the structure suite finds it (:func:`discover_labs`). ``bench/bench_labs.py`` times
 each master against ``Lab.seconds``.
 
 Each lab's notebooks are run once per pytest session (tests/labs/conftest.py keeps one
@@ -31,6 +32,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 from IPython.core.inputtransformer2 import TransformerManager  # noqa: E402
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions  # noqa: E402
 
@@ -41,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 MASTERS = REPO / "course" / "masters"
 REFERENCE = REPO / "course" / "reference"
+SPECS = HERE / "specs"
 HIDDEN = re.compile(r"### BEGIN HIDDEN TESTS\n(.*?)### END HIDDEN TESTS", re.S)
 REGION = re.compile(r"### BEGIN SOLUTION\n(.*?)### END SOLUTION", re.S)
 
@@ -179,6 +182,17 @@ class Lab:
     def exercise(self, eid: str) -> Exercise:
         (ex,) = [e for e in self.exercises if e.id == eid]
         return ex
+
+
+def load_spec(name: str) -> Lab:
+    """The :class:`Lab` that ``specs/<name>.yaml`` describes (its keys are the fields of
+    :class:`Lab` and, under ``exercises``, of :class:`Exercise`)."""
+    path = SPECS / f"{name}.yaml"
+    data = yaml.safe_load(path.read_text())
+    assert data.pop("name") == name, f"{path}: its name is not {name}"
+    exercises = tuple(
+        Exercise(**{k: tuple(v) if k == "functions" else v for k, v in ex.items()}) for ex in data.pop("exercises"))
+    return Lab(name=name, exercises=exercises, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
 
 
 def discover_labs() -> list[Lab]:
