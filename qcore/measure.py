@@ -200,6 +200,8 @@ def describe_device() -> str:
     line = f"cpu {cpu}, {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads"
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        half = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        from qcore.train import native_bf16
+
+        half = "bf16" if native_bf16() else "fp16"
         line += f"; cuda {name} ({half} compute)"
     return line

@@ -37,15 +37,23 @@ def pick_device() -> str:
 
 
 def compute_dtype(device: str) -> torch.dtype:
-    """bf16 on GPUs that support it (Ampere and newer), fp16 on older GPUs, fp32 on the CPU.
+    """bf16 on GPUs that compute it natively (Ampere and newer), fp16 on older GPUs, fp32 on the CPU.
+
+    ``torch.cuda.is_bf16_supported()`` alone also says yes where bf16 is only emulated (a T4 on
+    Colab), which is slow there: emulation does not count.
 
     Example:
         >>> compute_dtype("cpu")
         torch.float32
     """
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16() else torch.float16
     return torch.float32
+
+
+def native_bf16() -> bool:
+    """True when the current CUDA GPU computes bf16 in hardware (not emulated)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def seed_everything(seed: int = 0) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nbformat
 
-from qcourse.master import DEFAULT_QCORE_SOURCE, find_masters, load_master
+from qcourse.master import find_masters, load_master
 
 REPO = Path(__file__).resolve().parents[1]
 COURSE = REPO / "course"
@@ -91,7 +91,7 @@ def execute(nb, cwd: Path, timeout: int = 600, env: dict | None = None) -> nbfor
 
 
 def build_lab(lab: str, course_root: Path, labs_dir: Path, solutions_dir: Path,
-              qcore_source: str = DEFAULT_QCORE_SOURCE, run_solution: bool = True) -> None:
+              qcore_source: str | None = None, run_solution: bool = True) -> None:
     """Build one lab into ``labs_dir`` and ``solutions_dir``."""
     source_nb = load_master(find_masters(course_root)[lab], qcore_source)
     write_notebook(source_nb, course_root / "source" / lab / f"{lab}.ipynb")
@@ -119,7 +119,7 @@ def _scratch_course(course_root: Path, dest: Path) -> Path:
 
 
 def check(labs: list[str], course_root: Path = COURSE, labs_dir: Path = REPO / "labs",
-          solutions_dir: Path = REPO / "solutions", qcore_source: str = DEFAULT_QCORE_SOURCE) -> list[str]:
+          solutions_dir: Path = REPO / "solutions", qcore_source: str | None = None) -> list[str]:
     """Problems found when comparing committed notebooks with a fresh build (empty: all good).
 
     Student labs must be byte-identical; solutions must have the same cells and code (their
@@ -146,7 +146,7 @@ def check(labs: list[str], course_root: Path = COURSE, labs_dir: Path = REPO / "
 
 
 def build(labs: list[str], course_root: Path = COURSE, labs_dir: Path = REPO / "labs",
-          solutions_dir: Path = REPO / "solutions", qcore_source: str = DEFAULT_QCORE_SOURCE,
+          solutions_dir: Path = REPO / "solutions", qcore_source: str | None = None,
           run_solution: bool = True, log=print) -> None:
     for lab in labs:
         log(f"building {lab} ...")

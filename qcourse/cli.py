@@ -34,7 +34,12 @@ def _build(args) -> int:
     from qcourse import build
 
     labs = resolve_labs(args.labs, args.course)
-    source = args.qcore_source or os.environ.get("QCOURSE_QCORE_SOURCE") or build.DEFAULT_QCORE_SOURCE
+    from qcourse.install_source import HOW_TO_SET, install_source
+
+    source = install_source(build.REPO, args.qcore_source)
+    if source is None:
+        print(f"note: no install source for the labs' first cell; on a kernel without qcore it stops and "
+              f"says so. To set one, {HOW_TO_SET}.", file=sys.stderr)
     if args.check:
         problems = build.check(labs, args.course, qcore_source=source)
         for p in problems:
@@ -150,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("labs", nargs="*", help="labs to build (default: all)")
     p.add_argument("--check", action="store_true", help="fail when labs/ or solutions/ differ from a fresh build")
     p.add_argument("--no-solutions", action="store_true", help="skip executing the solutions")
-    p.add_argument("--qcore-source", help="pip requirement that installs qcore on Colab")
+    p.add_argument("--qcore-source", help="pip requirement the labs install qcore from on Colab (default: "
+                   "QCOURSE_QCORE_SOURCE, [tool.qcourse] install-source, the public https git remote)")
     p.set_defaults(func=_build)
     sub.add_parser("check-masters", help="check the masters and released labs").set_defaults(func=_check_masters)
     p = sub.add_parser("references", help="write course/reference/<lab>/*.npz")

@@ -9,7 +9,8 @@ a plain Python script (the solution), and converts to an nbgrader source noteboo
     # %% tests="ex1_tests" points=2      graded, read-only test cell (### BEGIN/END HIDDEN TESTS)
     # %%                                 an ordinary code cell (a demo, a plot)
 
-``{{QCORE_SOURCE}}`` in a cell becomes the pip requirement that installs qcore on Colab.
+``%pip install -q "{{QCORE_SOURCE}}"`` in the set-up cell becomes the install of the course library
+from the source the build is given (``qcourse.install_source``).
 Cell ids are derived from the lab name and position (or the grade id), so a rebuild of an
 unchanged master gives byte-identical notebooks.
 """
@@ -22,9 +23,10 @@ from pathlib import Path
 import jupytext
 import nbformat
 
+from qcourse.install_source import fill_install_line
+
 ROLES = ("solution", "tests", "locked")
 QCORE_SOURCE_MARK = "{{QCORE_SOURCE}}"
-DEFAULT_QCORE_SOURCE = "qcourse @ git+https://github.com/qcourse/qcourse"
 _ID_OK = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -54,8 +56,9 @@ def nbgrader_metadata(role: str, grade_id: str, points: float | None = None) -> 
     return meta
 
 
-def load_master(path: Path, qcore_source: str = DEFAULT_QCORE_SOURCE) -> nbformat.NotebookNode:
-    """Read a master into a notebook with nbgrader metadata and deterministic cell ids."""
+def load_master(path: Path, qcore_source: str | None = None) -> nbformat.NotebookNode:
+    """Read a master into a notebook with nbgrader metadata and deterministic cell ids; its install
+    line installs ``qcore_source`` (with ``None``, it stops and says that no source was given)."""
     path = Path(path)
     lab = path.stem
     try:
@@ -84,7 +87,10 @@ def load_master(path: Path, qcore_source: str = DEFAULT_QCORE_SOURCE) -> nbforma
             cell.id = grade_id
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
-            cell.source = cell.source.replace(QCORE_SOURCE_MARK, qcore_source)
+            cell.source = fill_install_line(cell.source, qcore_source)
+            if QCORE_SOURCE_MARK in cell.source:
+                raise MasterError(f"{path} cell {i}: {QCORE_SOURCE_MARK} belongs in one line, "
+                                  f'`# %pip install -q "{QCORE_SOURCE_MARK}"`')
     nb.metadata = {
         "kernelspec": {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"},
         "language_info": {"name": "python"},

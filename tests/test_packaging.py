@@ -1,6 +1,17 @@
 """The student library stands alone: `qcore` never loads the instructor's Jupyter/nbgrader stack."""
+import email
+import os
+import shutil
 import subprocess
 import sys
+import sysconfig
+import zipfile
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 INSTRUCTOR_ONLY = ("nbgrader", "jupyterlab", "jupytext", "nbclient", "nbformat", "jupyter_server")
 
@@ -28,3 +39,117 @@ def test_the_probe_sees_an_instructor_import():
     probe = IMPORT_ALL_OF_QCORE.replace("import qcore\n", "import qcore, qcourse.build\n")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert "jupytext" in out or "nbgrader" in out
+
+
+# ----------------------------------------------------------------------------- a student's install
+REPO = Path(__file__).resolve().parents[1]
+SITE = Path(sysconfig.get_paths()["purelib"])
+# What the overlay of "already installed" packages leaves out: the course itself, and the
+# instructor's tools, which a student install must not need.
+NOT_PREINSTALLED = ("qcourse", "__editable__", "nbgrader", "distutils-precedence")
+PYENV = Path.home() / ".pyenv" / "versions"
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The package as pip would build it for PyPI, from a copy of the sources (the checkout stays clean)."""
+    src = tmp_path_factory.mktemp("src")
+    for part in ("qcore", "qcourse"):
+        shutil.copytree(REPO / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+                    "-w", str(out), str(src)], check=True, capture_output=True)
+    (whl,) = out.glob("qcourse-*.whl")
+    return whl
+
+
+def wheel_metadata(whl: Path) -> email.message.Message:
+    with zipfile.ZipFile(whl) as z:
+        (name,) = [n for n in z.namelist() if n.endswith(".dist-info/METADATA")]
+        return email.message_from_bytes(z.read(name))
+
+
+def test_the_wheel_asks_ranges_and_keeps_the_grader_an_extra(wheel):
+    meta = wheel_metadata(wheel)
+    requires = [Requirement(r) for r in meta.get_all("Requires-Dist")]
+    plain = {r.name: r for r in requires if r.marker is None}
+    assert "torch" in plain and not any(s.operator == "==" for s in plain["torch"].specifier)
+    assert not {"nbgrader", "jupyterlab", "jupytext", "nbclient"} & set(plain)
+    instructor = {r.name for r in requires if r.marker is not None and r.marker.evaluate({"extra": "instructor"})}
+    assert {"nbgrader", "jupyterlab", "jupytext", "nbclient"} <= instructor
+    python = SpecifierSet(meta["Requires-Python"])
+    assert all(v in python for v in ("3.10", "3.11", "3.12", "3.13")) and "3.9" not in python
+    for r in plain.values():  # the lock, which every test runs on, lies within each range
+        assert r.specifier.contains(metadata.version(r.name), prereleases=True), r
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["3.10", "3.12", "3.13"])
+def test_other_pythons_accept_the_wheel_and_compile_it(wheel, version, tmp_path):
+    """pip on that Python takes the wheel (no deps: their torch is the multi-GB CUDA build), and
+    every module of it compiles there."""
+    found = sorted(PYENV.glob(f"{version}.*/bin/python"))
+    if not found:
+        pytest.skip(f"no Python {version} under {PYENV}")
+    python = str(found[-1])
+    subprocess.run([python, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--quiet",
+                    "--disable-pip-version-check", str(wheel)], check=True, capture_output=True)
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path)
+    res = subprocess.run([python, "-m", "compileall", "-q", str(tmp_path / "qcore"), str(tmp_path / "qcourse")],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_a_student_install_keeps_the_torch_it_finds_and_runs_lab_1(wheel, tmp_path):
+    """As on Colab: torch and the numerics are already installed (an overlay of this venv's
+    packages, less the course and nbgrader); pip installs the wheel from nothing but itself, keeps
+    that torch, adds nothing else; the solved lab 1 then runs top to bottom with an empty model
+    cache, without `make`."""
+    preinstalled = tmp_path / "preinstalled"
+    preinstalled.mkdir()
+    for entry in SITE.iterdir():
+        if not entry.name.startswith(NOT_PREINSTALLED) and entry.suffix != ".pth":
+            (preinstalled / entry.name).symlink_to(entry)
+    venv = tmp_path / "student"
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    own_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   capture_output=True, text=True, check=True).stdout.strip())
+    (own_site / "preinstalled.pth").write_text(f"{preinstalled}\n")
+    before = set(os.listdir(own_site))
+    pip = subprocess.run([python, "-m", "pip", "install", "--no-index", "--disable-pip-version-check", str(wheel)],
+                         capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stdout + pip.stderr  # every dependency was found already there
+    added = {n.split("-")[0].split(".")[0] for n in set(os.listdir(own_site)) - before}
+    assert added <= {"qcore", "qcourse", "__pycache__"}, added  # nothing but the course itself
+    probe = ("import torch, qcore, importlib.util as u; print(torch.__version__, torch.__file__, qcore.__file__, "
+             "u.find_spec('nbgrader') is None)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(QCOURSE_CACHE=str(tmp_path / "empty-cache"), HOME=str(tmp_path))
+    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path,
+                         env=env).stdout.split()
+    assert out[0] == metadata.version("torch").split("+")[0] or out[0].startswith(metadata.version("torch"))
+    assert out[1].startswith(str(preinstalled)) and out[2].startswith(str(own_site)) and out[3] == "True"
+    run = subprocess.run([python, "-c", RUN_NOTEBOOK, str(REPO / "solutions" / "lab01_precision_formats.ipynb")],
+                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "qcore ready" in run.stdout and "7168.51 MiB" in run.stdout
+
+
+# The solved notebook as a student who solved it has it: their solutions and the visible checks
+# (the hidden tests, which read the instructor's reference files, cut out).
+RUN_NOTEBOOK = """
+import re, sys, nbformat
+from nbclient import NotebookClient
+nb = nbformat.read(sys.argv[1], as_version=4)
+for cell in nb.cells:
+    if cell.cell_type == "code":
+        cell.outputs = []
+        cell.source = re.sub(r"[ \\t]*### BEGIN HIDDEN TESTS.*?### END HIDDEN TESTS[ \\t]*\\n?", "", cell.source, flags=re.S)
+NotebookClient(nb, timeout=600, kernel_name="python3").execute()
+print("".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs))
+"""

@@ -206,7 +206,11 @@ def test_device_policy(monkeypatch):
     assert train.pick_device() == "cpu" and train.compute_dtype("cpu") == torch.float32
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train.pick_device() == "cuda"
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # Ampere and newer
+    # torch's answer: True where bf16 is native (Ampere and newer) and, unless told not to count
+    # emulation, also on a T4 (which emulates it, slowly)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere+
     assert train.compute_dtype("cuda") == train.compute_dtype("cuda:1") == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a T4
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert train.compute_dtype("cuda") == torch.float16  # a T4: emulated bf16 does not count
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)  # older
     assert train.compute_dtype("cuda") == torch.float16
