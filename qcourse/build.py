@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nbformat
 
+from qcourse.install_source import colab_url, origin_url
 from qcourse.master import find_masters, load_master
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +104,34 @@ def build_lab(lab: str, course_root: Path, labs_dir: Path, solutions_dir: Path,
         write_notebook(solved, solutions_dir / f"{lab}.ipynb")
 
 
+def labs_readme(text: str, remote: str | None) -> str:
+    """``labs/README.md`` with an "Open in Colab" link on each lab's row when ``remote`` is a public
+    GitHub address (otherwise without that column): the table's rows are ``| lab | topic |``.
+
+    Example:
+        >>> table = "| lab | topic |\\n| --- | --- |\\n| lab01_x | formats |\\n"
+        >>> print(labs_readme(table, "https://github.com/someone/qcourse"), end="")
+        | lab | topic | Colab |
+        | --- | --- | --- |
+        | lab01_x | formats | [Open in Colab](https://colab.research.google.com/github/someone/qcourse/blob/main/labs/lab01_x.ipynb) |
+        >>> labs_readme(labs_readme(table, "https://github.com/someone/qcourse"), None) == table
+        True
+    """
+    out = []
+    for line in text.splitlines(keepends=True):
+        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
+        if cells is not None and len(cells) >= 2:
+            cells = cells[:2]
+            url = colab_url(remote, cells[0]) if remote and cells[0].startswith("lab") else None
+            links = remote and colab_url(remote, "x")
+            if links:
+                cells.append("Colab" if cells[0] == "lab" else "---" if set(cells[0]) <= set("-: ") else
+                             f"[Open in Colab]({url})" if url else "")
+            line = "| " + " | ".join(cells) + " |\n"
+        out.append(line)
+    return "".join(out)
+
+
 def _code_of(path: Path) -> list[tuple[str, str, str]]:
     nb = nbformat.read(path, as_version=4)
     return [(c.get("id", ""), c.cell_type, c.source) for c in nb.cells]
@@ -142,6 +171,9 @@ def check(labs: list[str], course_root: Path = COURSE, labs_dir: Path = REPO / "
                 problems.append(f"solutions/{lab}.ipynb is missing: run `qcourse build {lab}`")
             elif _code_of(solution) != _code_of(source):
                 problems.append(f"solutions/{lab}.ipynb holds other code than its master: run `qcourse build {lab}`")
+    readme = labs_dir / "README.md"
+    if readme.is_file() and readme.read_text() != labs_readme(readme.read_text(), origin_url(REPO)):
+        problems.append("labs/README.md lacks this repository's Colab links: run `qcourse build`")
     return problems
 
 
@@ -152,3 +184,6 @@ def build(labs: list[str], course_root: Path = COURSE, labs_dir: Path = REPO / "
         log(f"building {lab} ...")
         build_lab(lab, course_root, labs_dir, solutions_dir, qcore_source, run_solution)
         log(f"  labs/{lab}.ipynb" + (f", solutions/{lab}.ipynb" if run_solution else ""))
+    readme = labs_dir / "README.md"
+    if readme.is_file():  # Colab links for the repository's public address, when it has one
+        readme.write_text(labs_readme(readme.read_text(), origin_url(REPO)))

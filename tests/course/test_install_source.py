@@ -86,3 +86,14 @@ def test_committed_labs_carry_no_made_up_source():
             cell = setup_cell(nbformat.read(path, as_version=4))
             assert "github.com/qcourse/qcourse" not in cell and "{{" not in cell, path
             assert (src.NO_SOURCE_CELL in cell) != ("%pip install -q " in cell), path
+
+
+def test_the_labs_readme_gets_colab_links_for_a_github_remote():
+    readme = (build_mod.REPO / "labs" / "README.md").read_text()
+    linked = build_mod.labs_readme(readme, "https://github.com/someone/qcourse.git")
+    rows = [ln for ln in linked.splitlines() if ln.startswith("| lab0")]
+    assert len(rows) == len(build_mod.known_labs())
+    for row, lab in zip(rows, build_mod.known_labs()):
+        assert f"(https://colab.research.google.com/github/someone/qcourse/blob/main/labs/{lab}.ipynb)" in row
+    assert build_mod.labs_readme(linked, None) == readme  # no public address: no links
+    assert build_mod.labs_readme(readme, "https://gitlab.com/someone/qcourse") == readme  # Colab opens GitHub only
