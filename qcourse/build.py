@@ -117,16 +117,16 @@ def labs_readme(text: str, remote: str | None) -> str:
         >>> labs_readme(labs_readme(table, "https://github.com/someone/qcourse"), None) == table
         True
     """
+    linked = remote is not None and colab_url(remote, "any") is not None
     out = []
     for line in text.splitlines(keepends=True):
-        cells = [c.strip() for c in line.strip().strip("|").split("|")] if line.startswith("|") else None
-        if cells is not None and len(cells) >= 2:
-            cells = cells[:2]
-            url = colab_url(remote, cells[0]) if remote and cells[0].startswith("lab") else None
-            links = remote and colab_url(remote, "x")
-            if links:
-                cells.append("Colab" if cells[0] == "lab" else "---" if set(cells[0]) <= set("-: ") else
-                             f"[Open in Colab]({url})" if url else "")
+        cells = [c.strip() for c in line.strip().strip("|").split("|")][:2] if line.startswith("|") else []
+        if len(cells) == 2:
+            first = cells[0]
+            if linked:
+                separator = set(first) <= set("-: ")
+                cells.append("Colab" if first == "lab" else "---" if separator else
+                             f"[Open in Colab]({colab_url(remote, first)})")
             line = "| " + " | ".join(cells) + " |\n"
         out.append(line)
     return "".join(out)

@@ -85,8 +85,7 @@ def install_source(repo: Path, explicit: str | None = None) -> str | None:
         return explicit
     if os.environ.get(ENV_VAR):
         return os.environ[ENV_VAR]
-    remote = origin_url(repo)
-    return configured(repo) or (requirement_from_remote(remote) if remote else None)
+    return configured(repo) or requirement_from_remote(origin_url(repo) or "")
 
 
 def fill_install_line(source: str, requirement: str | None) -> str:

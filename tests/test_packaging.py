@@ -143,13 +143,13 @@ def test_a_student_install_keeps_the_torch_it_finds_and_runs_lab_1(wheel, tmp_pa
 # The solved notebook as a student who solved it has it: their solutions and the visible checks
 # (the hidden tests, which read the instructor's reference files, cut out).
 RUN_NOTEBOOK = """
-import re, sys, nbformat
+import sys, nbformat
 from nbclient import NotebookClient
+from qcourse.feedback import strip_hidden
 nb = nbformat.read(sys.argv[1], as_version=4)
 for cell in nb.cells:
     if cell.cell_type == "code":
-        cell.outputs = []
-        cell.source = re.sub(r"[ \\t]*### BEGIN HIDDEN TESTS.*?### END HIDDEN TESTS[ \\t]*\\n?", "", cell.source, flags=re.S)
+        cell.outputs, cell.source = [], strip_hidden(cell.source)
 NotebookClient(nb, timeout=600, kernel_name="python3").execute()
 print("".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs))
 """
