@@ -14,11 +14,13 @@ other batches, so every accuracy of a classifier in the course is measured in th
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -66,6 +68,28 @@ def seed_everything(seed: int = 0) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def random_state_kept():
+    """Run a block without moving Python's, NumPy's or torch's random state for what comes after.
+
+    A model prepared on first use trains with its own seed, inside a lab; the lab's next cells
+    then draw the same numbers as when the model was already there.
+
+    Example:
+        >>> seed_everything(3); a = torch.rand(2)
+        >>> seed_everything(3)
+        >>> with random_state_kept():
+        ...     seed_everything(9); _ = torch.rand(5)
+        >>> torch.equal(a, torch.rand(2))
+        True
+    """
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        yield
+    random.setstate(py)
+    np.random.set_state(npy)
 
 
 def set_threads(n: int | None = None) -> int:
@@ -163,7 +187,8 @@ class TrainRun:
 
 def train(model, batches: Sequence, loss: Callable, lr: float, weight_decay: float = 0.0,
           warmup: float = 0.0, decay: bool = True, clip: float | None = 1.0, seed: int = 0,
-          on_step: Callable[[int], None] | None = None, desc: str = "train") -> TrainRun:
+          on_step: Callable[[int], None] | None = None, desc: str = "train",
+          autocast: torch.dtype | None = None) -> TrainRun:
     """The course's training loop: AdamW on the parameters that require a gradient, one step per batch.
 
     The learning rate at step ``s`` of ``n`` is ``lr * min((s + 1) / w, (n - s) / (n - w))`` with
@@ -174,6 +199,11 @@ def train(model, batches: Sequence, loss: Callable, lr: float, weight_decay: flo
         batches: whatever ``loss`` takes, already on the model's device, one per step.
         loss: ``loss(model, batch)`` -> a scalar tensor (e.g. ``classifier_loss``).
         on_step: called with the step's index before its forward pass (lab 4 freezes observers).
+        autocast: mixed precision: the forward and the loss run under ``torch.autocast`` in this
+            dtype (bf16 or fp16) while the weights stay as they are, FP32 master weights that
+            AdamW updates. A learning-rate-sized step is often below half a BF16 step of a weight
+            (2**-9 relative): pure-BF16 weights would drop it. fp16 scales the loss
+            (``torch.amp.GradScaler``) so that small gradients do not flush to 0.
 
     Returns:
         A ``TrainRun`` (the model is left in eval mode).
@@ -199,6 +229,9 @@ def train(model, batches: Sequence, loss: Callable, lr: float, weight_decay: flo
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     cuda = any(p.is_cuda for p in params)
+    where = "cuda" if cuda else "cpu"
+    scaler = torch.amp.GradScaler(where, enabled=autocast == torch.float16)
+    mixed = torch.autocast(where, dtype=autocast) if autocast is not None else contextlib.nullcontext()
     model.train()
     run = TrainRun()
     bar = progress(batches, desc=desc)
@@ -206,12 +239,17 @@ def train(model, batches: Sequence, loss: Callable, lr: float, weight_decay: flo
         start = time.perf_counter()
         if on_step is not None:
             on_step(step)
-        value = loss(model, batch)
-        value.backward()
+        with mixed:
+            value = loss(model, batch)
+        scaler.scale(value).backward()
+        scaler.unscale_(opt)  # the true gradients, before clipping
         if clip is not None:
             torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        sched.step()
+        scaler.step(opt)      # skips the step when fp16 overflowed (and lowers the scale)
+        scaler.update()
+        with warnings.catch_warnings():  # after a skipped fp16 step torch warns that the rate moved first
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()
         opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()  # the step's real time, not its launch

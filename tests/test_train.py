@@ -109,6 +109,53 @@ def test_only_parameters_that_require_grad_move():
     assert torch.equal(model.bias, bias) and not torch.equal(model.weight, weight)
 
 
+def _weights_after_small_steps(weights: torch.dtype, autocast):
+    """A weight of 1.0 after 20 AdamW steps of lr 1e-4 (each moves it by about 1e-4)."""
+    model = torch.nn.Linear(4, 1, bias=False).to(weights)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    batches = [(x.to(weights), torch.zeros(16, 1))] * 20
+    mse = lambda m, b: torch.nn.functional.mse_loss(m(b[0]).float(), b[1])
+    run = train.train(model, batches, mse, lr=1e-4, decay=False, clip=None, desc="", autocast=autocast)
+    return model.weight.detach(), run
+
+
+def test_mixed_precision_keeps_the_updates_that_bf16_weights_lose():
+    """Adam's step is about lr = 1e-4 per weight; half a BF16 step at 1.0 is 2**-8 / 2 ~ 2e-3, so
+    pure-BF16 weights never move, while FP32 master weights under BF16 autocast move like FP32."""
+    pure, _ = _weights_after_small_steps(torch.bfloat16, None)
+    master, run = _weights_after_small_steps(torch.float32, torch.bfloat16)
+    fp32, _ = _weights_after_small_steps(torch.float32, None)
+    assert torch.equal(pure, torch.ones_like(pure))
+    assert master.dtype == torch.float32 and len(run.losses) == 20
+    moved, want = 1 - master, 1 - fp32                      # 20 steps of about 1e-4
+    assert ((moved > 1.5e-3) & (moved < 2.5e-3)).all()
+    torch.testing.assert_close(moved, want, rtol=0.05, atol=0)  # BF16 products: the same steps within a few %
+
+
+def test_fp16_autocast_scales_the_loss_and_skips_overflowing_steps():
+    """With fp16 the loss is scaled (GradScaler, initial scale 2**16): a step whose scaled gradient
+    overflows is skipped, the scale halves, and training goes on; the weights stay FP32."""
+    master, run = _weights_after_small_steps(torch.float32, torch.float16)
+    assert master.dtype == torch.float32 and len(run.losses) == 20
+    assert ((1 - master > 1e-3) & (1 - master < 2.5e-3)).all()
+
+
+def test_without_autocast_the_loop_is_the_plain_one():
+    """The default changes nothing: the same weights as AdamW stepped by hand."""
+    model, batches, mse = _regression(3)
+    twin = copy.deepcopy(model)
+    train.train(model, batches, mse, lr=0.1, decay=False, clip=None, desc="")
+    opt = torch.optim.AdamW(twin.parameters(), lr=0.1, weight_decay=0.0)
+    for b in batches:
+        mse(twin, b).backward()
+        opt.step()
+        opt.zero_grad()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
 # ----------------------------------------------------------------------------- batches
 def test_length_grouped_batches_cover_everything_once():
     lengths = [len(t) for t in _toy_split(200).texts]

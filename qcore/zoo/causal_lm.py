@@ -61,7 +61,7 @@ def _ready(tokenizer):
 
 
 def gguf_path() -> Path:
-    """The verified path of the Q4_1 GGUF file (``AssetError`` when it is not fetched)."""
+    """The verified path of the Q4_1 GGUF file, fetched on first use (``qcore.assets.path``)."""
     return assets.path("smollm2", GGUF_MEMBER)
 
 
@@ -120,15 +120,16 @@ def load_causal_lm(name: str | None = None, device: str = "cpu", dtype: torch.dt
     """``(model, tokenizer)``: the cached SmolLM2 (offline, seconds), or any model by hub id.
 
     Args:
-        name: ``None`` for the course's cached model; otherwise passed to ``from_pretrained``
-            (e.g. ``HUB_CAUSAL_LM`` on Colab, which needs internet).
+        name: ``None`` for the course's cached model (prepared here on first use: the package
+            download and the fp32 conversion, under a minute); otherwise passed to
+            ``from_pretrained`` (e.g. ``HUB_CAUSAL_LM`` on Colab, which needs internet).
         device: where the model goes.
         dtype: weights dtype; default ``compute_dtype(device)`` (fp32 on CPU, bf16/fp16 on GPU).
     """
     from transformers import AutoModelForCausalLM
 
     if name is None:
-        name = str(prepared_dir(MODEL_DIR_NAME, "the SmolLM2 model"))
+        name = str(prepared_dir(MODEL_DIR_NAME, "the SmolLM2 model", prepare_causal_lm))
     with _quiet_loading():
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype or compute_dtype(device))
     return model.to(device).eval(), load_causal_lm_tokenizer(name)

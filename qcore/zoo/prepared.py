@@ -1,9 +1,10 @@
-"""The models ``make setup`` prepares: their cache folders, written atomically, read with a clear error.
+"""The models the labs load, prepared once: their cache folders, built on first use, written atomically.
 
 Each prepared model is a folder ``<cache>/models/<name>`` holding what ``from_pretrained`` reads
 plus ``qcourse.json`` (where it came from, how it was made). The folder is written as
 ``<name>.partial`` and renamed at the end, so a crash never leaves a half-written model where a
-lab would load it; a missing one is an ``AssetError`` naming the command that builds it.
+lab would load it. A missing one is built where it is first loaded, by the same function that
+``make setup`` runs; under the grader it is an ``AssetError`` naming that command instead.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import contextlib
 import json
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from qcore import assets
 
@@ -34,8 +35,11 @@ def read_meta(name: str) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def prepared_dir(name: str, what: str) -> Path:
-    """The folder of a prepared model; ``AssetError`` naming ``make setup`` when it is missing.
+def prepared_dir(name: str, what: str, prepare: Callable[[], object] | None = None) -> Path:
+    """The folder of a prepared model, built by ``prepare()`` when it is missing (not under the grader).
+
+    Without ``prepare``, or where nothing is prepared on first use (``assets.fetch_on_first_use``),
+    a missing model is an ``AssetError`` naming ``make setup``.
 
     Example:
         >>> prepared_dir("no-such-model", "the model")  # doctest: +ELLIPSIS
@@ -44,6 +48,11 @@ def prepared_dir(name: str, what: str) -> Path:
         qcore.assets.AssetError: the model is not prepared in .../models/no-such-model. Run: make setup ...
     """
     path = model_dir(name)
+    if not (path / META_FILE).is_file() and prepare is not None and assets.fetch_on_first_use():
+        from qcore.train import random_state_kept
+
+        with random_state_kept():  # the lab's later cells draw what they would have drawn anyway
+            prepare()
     if not (path / META_FILE).is_file():
         raise assets.AssetError(f"{what} is not prepared in {path}. Run: {assets.SETUP_COMMAND}")
     return path

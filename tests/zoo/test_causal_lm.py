@@ -48,13 +48,24 @@ def test_answer_logits_read_each_rows_last_real_token():
     torch.testing.assert_close(cached, want, atol=1e-5, rtol=1e-5)
 
 
-def test_missing_cache_names_the_setup_command(tmp_path, monkeypatch):
+def test_under_the_grader_a_missing_cache_names_the_setup_command(tmp_path, monkeypatch):
     monkeypatch.setenv("QCOURSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")  # a graded run prepares nothing
     for make in (C.load_causal_lm, C.load_causal_lm_tokenizer, lambda: C.prepare_causal_lm(verbose=False)):
         with pytest.raises(assets.AssetError, match=r"Run: make setup +\(or: python -m qcore\.zoo prepare\)"):
             make()  # the tokenizer: no cache and no GGUF either
-    assert not (tmp_path / "models").exists()
+    assert not (tmp_path / "models").exists() and not (tmp_path / "downloads").exists()
     assert C.causal_lm_dir() == tmp_path / "models" / "smollm2-135m-instruct"
+
+
+def test_elsewhere_the_first_load_prepares_the_model_with_prepare_causal_lm(tok, stand_in_prepare):
+    """The wiring, with a stand-in for the real preparation (a download and a 20 s conversion: the
+    fresh-user test in tests/test_packaging.py runs the real one)."""
+    calls = stand_in_prepare(C, "prepare_causal_lm", C.MODEL_DIR_NAME, C.tiny_causal_lm(), tok)
+    model, _ = C.load_causal_lm()
+    assert calls == [1] and model.config.num_hidden_layers == 2
+    C.load_causal_lm()
+    assert calls == [1]  # prepared once
 
 
 def test_a_failed_prepare_leaves_nothing_behind(tmp_path, monkeypatch):

@@ -51,10 +51,23 @@ def test_tiny_model_runs():
     assert logits.shape == (2, 2)
 
 
-def test_missing_model_names_the_command(tmp_path, monkeypatch):
+def test_under_the_grader_a_missing_model_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setenv("QCOURSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")  # a graded run prepares nothing
     with pytest.raises(assets.AssetError, match="make setup"):
         zs.load_sentiment_model()
+    assert not any(tmp_path.iterdir())
+
+
+def test_elsewhere_the_first_load_fine_tunes_with_prepare_sentiment_model(stand_in_prepare):
+    """The wiring, with a stand-in for the real fine-tune (minutes: the fresh-user test in
+    tests/test_packaging.py runs the real one)."""
+    tok = zs.load_tokenizer()  # from the real cache, before the fixture empties it
+    calls = stand_in_prepare(zs, "prepare_sentiment_model", zs.MODEL_DIR_NAME, zs.tiny_sentiment_model(), tok)
+    model, _ = zs.load_sentiment_model()
+    assert calls == [1] and model.config.n_layers == 2
+    zs.load_sentiment_model()
+    assert calls == [1]  # prepared once
 
 
 @pytest.mark.slow
