@@ -8,7 +8,8 @@ do not depend on the values, and the lab's real weights (a 94 MB GGUF) cannot tr
 machine the course was checked on. Accuracy needs the real model and data: run the lab with
 ``FULL_RUN = True`` for it. The batches have the lab's shape (8 prompts of 80 tokens) and go through
 the lab's loop and loss: ``qcore.train.train`` with ``answer_loss`` (the label word at the last
-token), AdamW at a constant rate, no clipping. Compute in bf16 (the lab's GPU policy); adapters in FP32.
+token), AdamW at a constant rate, no clipping. Compute in bf16 (the lab's GPU policy); adapters in FP32;
+full fine-tuning keeps FP32 master weights and computes under autocast, as the lab does.
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def build(mode: str, dtype: torch.dtype):
 
 def measure(mode: str, batch: int = 8, tokens: int = 80, warmup: int = 3, steps: int = 12) -> dict:
     dtype = compute_dtype("cuda")
-    model = build(mode, dtype)
+    full = mode == "full"  # FP32 master weights, products in `dtype` under autocast
+    model = build(mode, torch.float32 if full else dtype)
     trainable, total = lora.count_parameters(model)
     weights = parameter_bytes(model)["total"]
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -52,7 +54,8 @@ def measure(mode: str, batch: int = 8, tokens: int = 80, warmup: int = 3, steps:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    run = train(model, [one] * (warmup + steps), answer_loss, lr=1e-4, decay=False, clip=None, desc=mode)
+    run = train(model, [one] * (warmup + steps), answer_loss, lr=1e-4, decay=False, clip=None, desc=mode,
+                autocast=dtype if full else None)
     peak = torch.cuda.max_memory_allocated() - before
     del model
     torch.cuda.empty_cache()

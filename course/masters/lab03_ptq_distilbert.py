@@ -74,9 +74,10 @@ LATENCY_REPEATS = 1 if under_grader() else 10  # rounds of the latency measureme
 #
 # On this machine the classifier is the course's offline model: **all-MiniLM-L6-v2 (a 6-layer BERT,
 # 384 wide) moved weight for weight into `DistilBertForSequenceClassification`** and fine-tuned on
-# movie-review sentences (`make setup` prepares it once). It has DistilBERT's layer names and code,
-# at half the width; its test accuracy is about 0.85. With `USE_HUB_MODEL = True` (Colab) the same
-# cells load the real `distilbert-base-uncased-finetuned-sst-2-english` and SST-2.
+# movie-review sentences (prepared once, by the first lab that loads it or by `make setup`). It has
+# DistilBERT's layer names and code, at half the width; its test accuracy is about 0.85. With
+# `USE_HUB_MODEL = True` (Colab) the same cells load the real
+# `distilbert-base-uncased-finetuned-sst-2-english` and SST-2.
 #
 # Every accuracy below is measured on the movies test split (1008 sentences), fed in batches of 64
 # sentences of similar length (less padding, same predictions).
@@ -1144,8 +1145,8 @@ for text, ok in targets:
 # * **Accuracy** hardly moves for any 8-bit scheme: the differences are a few sentences, within the
 #   noise (one sentence is 0.1 point; the standard error of an accuracy near 0.85 on 1008 sentences
 #   is about 1.1 points). The 0.5-point target is below that noise: whether a run meets it is a
-#   matter of a few sentences, and it can differ between machines: `make setup` fine-tunes the model
-#   on yours, and float sums taken in another order give slightly other weights. The distance from
+#   matter of a few sentences, and it can differ between machines: the model is fine-tuned on
+#   yours, and float sums taken in another order give slightly other weights. The distance from
 #   FP32 tells the schemes apart. Weight-only int8 is nearly exact. Dynamic W8A8
 #   comes next. Static W8A8 is more than ten times further away: one fixed scale per layer must
 #   cover the outliers on `[CLS]`, so every other token gets coarse steps. SmoothQuant wins most of
