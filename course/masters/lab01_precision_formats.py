@@ -6,7 +6,7 @@
 #
 # 1. split a number into its sign, exponent and mantissa bits, and rebuild it;
 # 2. derive a format's range and precision from its layout;
-# 3. round FP32 to BF16 by hand, bit for bit like PyTorch;
+# 3. round FP32 to BF16 by hand, bit for bit like PyTorch for every number (NaN is special, see there);
 # 4. count the bytes of a model in each format.
 #
 # Each exercise is a function to complete between the markers, followed by a test cell. The test
@@ -382,7 +382,9 @@ for _j in range(len(_ref["max"])):
 # and NaN, leaving `2**(14-7) * 1.875 = 240` as the largest value. Eight bits are too few to spend
 # 16 patterns (both signs) on inf and NaN, so the E4M3 used in deep learning has no infinities and
 # keeps a single NaN pattern (`S.1111.111`). The top binade then holds ordinary numbers up to
-# `2**(15-7) * 1.75 = 448`, and torch's cast saturates overflow to ±448 instead of giving inf.
+# `2**(15-7) * 1.75 = 448`. What happens beyond is the cast's choice, not the format's: the OCP FP8
+# specification allows saturating to ±448 or returning NaN (there is no inf to return). The pinned
+# torch (2.13) saturates: 464, 480 and 1e9 all become 448. Check yours before relying on it.
 # E5M2 keeps the IEEE rules: more range (57344), one mantissa bit less.
 
 # %%
@@ -437,8 +439,12 @@ plt.show()
 
 # %% [markdown]
 # BF16 stalls at 0.5: from there on, the gap is `2**-8`, and 0.001 is less than half of it, so
-# every addition rounds back to the same number. FP16 stalls at 4 for the same reason. This is why
-# mixed-precision kernels multiply in BF16 or FP16 but *accumulate* in FP32.
+# every addition rounds back to the same number. FP16 stalls at 4 for the same reason. Just before
+# each stall the sum runs *ahead* of the exact line: between 2 and 4 FP16's gap is `2**-9 ≈ 0.00195`,
+# and 0.001 is just over half of it, so every addition rounds up to a whole gap and the sum grows
+# almost twice as fast as it should (BF16 does the same between 0.25 and 0.5). Rounding errors do
+# not average out here: the same rounding happens at every step. This is why mixed-precision
+# kernels multiply in BF16 or FP16 but *accumulate* in FP32.
 #
 # ### Exercise 4: round FP32 to BF16 by hand (3 points)
 #
@@ -452,8 +458,11 @@ plt.show()
 #
 # A carry out of the mantissa is correct: it moves to the next binade, and past BF16's largest
 # value it gives inf. NaN needs care: `0x7F800001` is NaN, but rounding it would give inf. For
-# NaN keep `(b >> 16) | 0x0040` (a quiet NaN). The result as float32 is `upper << 16`,
-# written back into an int32 (`- 2**32` when it is `>= 2**31`) and viewed as float32.
+# NaN keep `(b >> 16) | 0x0040` (a quiet NaN; sign and top payload bits kept). The result as
+# float32 is `upper << 16`, written back into an int32 (`- 2**32` when it is `>= 2**31`) and viewed
+# as float32. PyTorch also gives a NaN, but its bits depend on the kernel: with torch 2.13 on an
+# AVX2 CPU the vectorized cast writes `0xFFFF` and the scalar one the canonical `0x7FC0`. So the
+# checks ask for *a* NaN, and "bit for bit like PyTorch" holds for every number, not for NaNs.
 #
 # Complete `round_to_bf16` with integer operations. Do not convert anything to `torch.bfloat16`
 # (your result is compared with that conversion); viewing bits with `.view` is fine.
@@ -637,7 +646,9 @@ assert model_bytes(7, 4) == 3.5 and model_bytes(7, 4, group_size=3, scale_bits=3
 #   28 GB in FP32, 14 GB in FP16. Even full fine-tuning with Adam in FP32 (weights, gradients and
 #   two moment estimates, 16 bytes per parameter) needs 112 GB before activations, not 280.
 # * Mistral 7B v0.3: 29 GB in FP32, 14.5 GB in FP16 (the three shards downloaded), 7.2 GB in INT8,
-#   close to 4 GB in 4 bits.
+#   close to 4 GB in 4 bits. The count below gives 7.25 GB with every weight in int8, and 7.52 GB
+#   as bitsandbytes stores it (embeddings, head and norms in 16 bits); in 4 bits, 3.85 GB with an
+#   FP16 scale per 64 weights, and 4.03 GB as bitsandbytes stores it (scales not counted).
 #
 # The count of Mistral 7B's parameters follows from its configuration (32 layers, width 4096,
 # MLP width 14336, 8 key/value heads of 128, a vocabulary of 32768):

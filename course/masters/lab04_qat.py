@@ -873,8 +873,8 @@ plt.show()
 # The lab's targets: at 3 bits, QAT recovers at least 60% of what PTQ loses; at 2 bits, QAT with
 # learnable scales ends within 5 points of FP32. (Under the grader the run is far too short to
 # reach them: only the full run counts.) Both sit within a few sentences of what a full run gets:
-# at 3 bits one sentence is about 2% of PTQ's loss, so a run on another CPU (whose `make setup`
-# fine-tuned a slightly different model) can land on either side of 60%.
+# at 3 bits one sentence is about 2% of PTQ's loss, so a run on another CPU (where the classifier's
+# one-time fine-tune gave a slightly different model) can land on either side of 60%.
 
 # %%
 def recovered(bits: int, name: str) -> float:
