@@ -193,6 +193,6 @@ if len(sys.argv) > 2:
 for cell in nb.cells:
     if cell.cell_type == "code":
         cell.outputs, cell.source = [], strip_hidden(cell.source)
-NotebookClient(nb, timeout=600, kernel_name="python3").execute()
+NotebookClient(nb, timeout=1800, kernel_name="python3").execute()  # a cell may fine-tune (minutes)
 print("".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs))
 """
