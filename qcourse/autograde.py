@@ -13,6 +13,7 @@ Everything not graded scores 0 and says why in the report.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import nbformat
 
-from qcourse import sandbox
+from qcourse import judge, sandbox
 from qcourse.build import COURSE, REPO, venv_env, write_notebook
 from qcourse.sandbox import Limits
 from qcourse.master import exercises, find_masters, load_master
@@ -100,7 +101,8 @@ def prepare_assignment(lab: str, course_root: Path, dest: Path) -> None:
         shutil.copy2(course_root / "nbgrader_config.py", dest / "nbgrader_config.py")
     write_notebook(load_master(find_masters(course_root)[lab]), dest / "source" / lab / f"{lab}.ipynb")
     refs = Path(course_root) / "reference" / lab
-    if refs.is_dir() and dest.resolve() != Path(course_root).resolve():
+    # a judged lab's kernel needs no reference file: its inputs come with the hidden cells
+    if refs.is_dir() and dest.resolve() != Path(course_root).resolve() and not judge.hidden_tests(lab, course_root):
         shutil.copytree(refs, dest / "reference" / lab, dirs_exist_ok=True)
     if not (dest / "gradebook.db").exists():
         (dest / "gradebook.db").write_bytes(_empty_gradebook())
@@ -135,19 +137,23 @@ def _sandbox_env(work: Path, lab: str, student: str, course_root: Path, limits: 
     """Kernel spec and environment so that nbgrader starts this submission's kernel boxed.
 
     The kernel sees: the system read-only; not /tmp (other submissions' folders), not the home
-    folder, not the course (references, masters, sources, gradebook, submissions); back on top,
-    read-only, the code, the interpreter, the model cache, its connection file and this lab's
-    reference files; writable, only its own execution folder.
+    folder, not the checkout (solutions, tests, reference generators) nor the course (references,
+    masters, sources, gradebook, submissions); back on top, read-only, the interpreter, the
+    installed ``qcore``, the model cache, its connection file and, for a lab not judged outside
+    the kernel, this lab's reference files; writable, only its own execution folder.
     """
     from qcore.assets import cache_dir
 
     exec_dir = work / "autograded" / student / lab
     for d in (work / "runtime", work / "reference", exec_dir):
         d.mkdir(parents=True, exist_ok=True)
+    import qcore
+
     existing = lambda paths: [p for p in dict.fromkeys(Path(p).resolve() for p in paths) if p.exists()]
-    mounts = [("hide", p) for p in existing([tempfile.gettempdir(), "/tmp", Path.home()])]
-    mounts += [("ro", p) for p in existing([REPO, sys.prefix, sys.base_prefix, cache_dir()])]
-    mounts += [("hide", p) for p in existing([REPO / "course", course_root])]
+    # the checkout (solutions, tests, masters, reference generators) and the course are hidden;
+    # back on top come the interpreter, the installed library and the model cache
+    mounts = [("hide", p) for p in existing([tempfile.gettempdir(), "/tmp", Path.home(), REPO, course_root])]
+    mounts += [("ro", p) for p in existing([sys.prefix, sys.base_prefix, Path(qcore.__file__).parent, cache_dir()])]
     # the runtime folder holds the kernel's connection file and its IPC sockets (the kernel has
     # no network, not even the grader's loopback, so the two talk over unix sockets)
     mounts += [("rw", work / "runtime"), ("ro", work / "reference"), ("rw", exec_dir)]
@@ -230,7 +236,11 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
     target.parent.mkdir(parents=True, exist_ok=True)
     source = nbformat.read(template / "source" / lab / f"{lab}.ipynb", as_version=4)
     notes_in = sanitize(nb, source)
+    tests = judge.hidden_tests(lab, course_root)
+    if tests:  # judged outside the kernel: cells that reach past their own objects are not run
+        notes_in += judge.skip_tampering(nb, source)
     target.write_text(nbformat.writes(nb), encoding="utf-8")
+    drawn = _ask_questions(work, lab, student, source, tests, course_root) if tests else {}
     # one name per grading folder: two runs in one process (threads) may grade the same student id
     cgroup = f"qcourse-{os.getpid()}-{hashlib.sha256(str(work).encode()).hexdigest()[:8]}-{student}"[:60]
     env = _sandbox_env(work, lab, student, course_root, limits, cgroup)
@@ -256,6 +266,8 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
     elif code != 0 or not (work / "autograded" / student / lab).is_dir():
         outcome.status, outcome.message = "error", "nbgrader could not grade it: " + _last_error(log)
     else:
+        if tests:
+            notes += _judge_answers(work, lab, student, tests, drawn, max_points)
         scores = _read_scores(work, lab, student)
         outcome.exercises = {k: scores.get(k, 0.0) for k in max_points}
         outcome.score = sum(outcome.exercises.values())
@@ -263,6 +275,57 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
         _run([*NBGRADER, "generate_feedback", lab, "--student", student, "--force"], work, 300)
     outcome.seconds = round(time.time() - start, 2)
     return outcome
+
+
+def _ask_questions(work: Path, lab: str, student: str, source, tests: dict, course_root: Path) -> dict:
+    """Draw this submission's inputs for every judged hidden test (from the course secret) and write
+    them into that test cell's source in the private gradebook, from which nbgrader restores the
+    locked cells before running: they enter the kernel only when the cell runs."""
+    from nbgrader.api import Gradebook
+    from nbgrader.utils import compute_checksum
+
+    secret = judge.course_secret(course_root)
+    cells = {c.metadata["nbgrader"]["grade_id"]: c for c in source.cells if "nbgrader" in c.metadata}
+    drawn = {}
+    with Gradebook(_db_url(work), COURSE_ID) as gb:
+        for gid, test in tests.items():
+            drawn[gid] = judge.draw_inputs(test, judge.seed_for(secret, lab, student, gid))
+            cell = copy.deepcopy(cells[gid])
+            cell.source = judge.inject(cell.source, drawn[gid])
+            stored = gb.find_source_cell(gid, lab, lab)
+            stored.source, stored.checksum = cell.source, compute_checksum(cell)
+        gb.db.commit()
+    return drawn
+
+
+def _judge_answers(work: Path, lab: str, student: str, tests: dict, drawn: dict, max_points: dict) -> list[str]:
+    """Judge the answers in the autograded notebook and set those cells' scores in the private
+    gradebook (feedback and the course gradebook read them there). A failing cell gets an error
+    output saying so (the feedback shows it as "hidden tests failed")."""
+    from nbgrader.api import Gradebook
+
+    path = work / "autograded" / student / lab / f"{lab}.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    scores, notes = {gid: 0.0 for gid in tests}, []
+    for cell in nb.cells:
+        gid = cell.metadata.get("nbgrader", {}).get("grade_id")
+        if gid not in tests:
+            continue
+        verdict = judge.judge_cell(tests[gid], drawn[gid], cell)
+        stderr = any(o.get("output_type") == "stream" and o.get("name") == "stderr" for o in cell.outputs)
+        scores[gid] = max_points[gid] if verdict.passed and not stderr else 0.0  # nbgrader's stderr rule kept
+        if not verdict.passed and not any(o.get("output_type") == "error" for o in cell.outputs):
+            cell.outputs.append(nbformat.v4.new_output("error", ename="HiddenTestsFailed", evalue=verdict.reason,
+                                                       traceback=[f"HiddenTestsFailed: {verdict.reason}"]))
+        if verdict.lied:
+            notes.append(f"possible tampering: the visible checks of {gid} passed in the kernel, "
+                         "the judge failed the same answers")
+    nbformat.write(nb, path)
+    with Gradebook(_db_url(work), COURSE_ID) as gb:
+        for gid, score in scores.items():
+            gb.find_grade(gid, lab, lab, student).auto_score = score
+        gb.db.commit()
+    return notes
 
 
 FLAGGED_ERRORS = {"TamperingDetected": "tampering with the checks", "Forbidden": "called a forbidden library function",

@@ -141,31 +141,18 @@ with exercise("Exercise 1: bit fields"):
                 "BF16 fields of [1, -3]", hint="bfloat16 is E = 8, M = 7, not the FP16 layout")
     check_equal(tuple(split_bits(torch.zeros(2, 3))[0].shape), (2, 3), "shape is kept")
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_ref = reference("lab01_precision_formats", "split_bits")
-for _tag, _dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
-    _E, _M = {"fp32": (8, 23), "fp16": (5, 10), "bf16": (8, 7)}[_tag]
-    _raw = _ref[f"{_tag}_bits"]  # unsigned bit patterns
-    _bits = torch.from_numpy(_raw.astype(np.int64))
-    _x = torch.from_numpy(_raw.view(np.int32 if _tag == "fp32" else np.int16)).view(_dtype)
-    with forbid("qcore.formats.decompose", "qcore.formats.round_to_format", "torch.frexp",
-                "math.frexp", "numpy.frexp"):
-        _got = split_bits(_x.clone())
-    _s, _e, _m = (torch.as_tensor(_g).to(torch.int64) for _g in _got)
-    assert _s.shape == _e.shape == _m.shape == _x.shape, f"{_tag}: shapes"
-    _nan = torch.from_numpy(_ref[f"{_tag}_is_nan"])
-    for _name, _g in (("sign", _s), ("exponent", _e), ("mantissa", _m)):
-        _want = torch.from_numpy(_ref[f"{_tag}_{_name}"].astype(np.int64))
-        assert torch.equal(_g[~_nan], _want[~_nan]), f"{_tag} {_name} differs from the reference"
-    # NaN: all-ones exponent, nonzero mantissa, and exactly the stored bits (payload and sign).
-    assert bool((_e[_nan] == 2**_E - 1).all() and (_m[_nan] != 0).all()), f"{_tag}: NaN fields"
-    assert torch.equal(_m[_nan], _bits[_nan] & (2**_M - 1)), f"{_tag}: NaN payload"
-    assert torch.equal(_s[_nan], _bits[_nan] >> (_E + _M)), f"{_tag}: NaN sign"
-# A 2-D, non-contiguous input keeps its shape.
-_x = torch.randn(6, 5, generator=torch.Generator().manual_seed(3)).t()
-_s, _e, _m = split_bits(_x)
-assert tuple(_s.shape) == (5, 6) and bool((_s == (_x < 0).to(torch.int64)).all())
+with ask("lab01_precision_formats", "ex1_split_bits_tests", "split_bits",
+         forbid=("qcore.formats.decompose", "qcore.formats.round_to_format", "torch.frexp", "math.frexp",
+                 "numpy.frexp")) as q:
+    for _key in [k for k in q.inputs if k.endswith("_bits")]:  # fp32, fp16, bf16 and the visible cases
+        _raw = q.inputs[_key]
+        _dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+            _key[:-len("_bits")].removeprefix("visible_")]
+        _x = torch.from_numpy(_raw.view(np.int32 if _raw.dtype == np.uint32 else np.int16)).view(_dtype)
+        q.answer(_key[:-len("_bits")], split_bits(_x.clone()))
+    q.answer("matrix", split_bits(torch.from_numpy(q.inputs["matrix"]).t()))  # 2-D, not contiguous
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -222,30 +209,18 @@ with exercise("Exercise 2: rebuild the value"):
                 "FP32 fields of 0.1 give 0.1 exactly")
     check_equal(got.dtype, torch.float32, "returns float32")
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_ref = reference("lab01_precision_formats", "fields_to_value")
-_layout = torch.from_numpy(_ref["layout"].astype(np.int64))
-for _i, (_E, _M) in enumerate(_ref["layouts"].tolist()):
-    _sel = _layout == _i
-    _s, _e, _m = (torch.from_numpy(_ref[_k].astype(np.int64))[_sel]
-                  for _k in ("sign", "exponent", "mantissa"))
-    _want = torch.from_numpy(_ref["value"])[_sel]
-    with forbid("qcore.formats.compose"):
-        _got = torch.as_tensor(fields_to_value(_s, _e, _m, _E, _M)).to(torch.float32)
-    assert _got.shape == _want.shape, f"E{_E}M{_M}: shape"
-    _nan = torch.isnan(_want)
-    assert torch.equal(torch.isnan(_got), _nan), f"E{_E}M{_M}: NaN where the reference has none, or back"
-    assert torch.equal(_got[~_nan], _want[~_nan]), f"E{_E}M{_M}: values differ from the reference"
-    assert torch.equal(torch.signbit(_got[~_nan]), torch.signbit(_want[~_nan])), f"E{_E}M{_M}: sign of zero"
-# Round trip over every FP16 and BF16 bit pattern (torch decodes the bits).
-for _dtype, (_E, _M) in ((torch.float16, (5, 10)), (torch.bfloat16, (8, 7))):
-    _b = torch.arange(2**16, dtype=torch.int64)
-    _want = _b.to(torch.int16).view(_dtype).to(torch.float32)
-    _fields = (_b >> (_E + _M), (_b >> _M) & (2**_E - 1), _b & (2**_M - 1))
-    _got = torch.as_tensor(fields_to_value(*_fields, _E, _M))
-    _nan = torch.isnan(_want)
-    assert torch.equal(torch.isnan(_got), _nan) and torch.equal(_got[~_nan].float(), _want[~_nan])
+with ask("lab01_precision_formats", "ex2_fields_to_value_tests", "fields_to_value", forbid=("qcore.formats.compose",)) as q:
+    for _prefix in ("", "visible_"):
+        _layout = torch.from_numpy(q.inputs[_prefix + "layout"].astype(np.int64))
+        for _i, (_E, _M) in enumerate(q.inputs[_prefix + "layouts"].tolist()):
+            _fields = [torch.from_numpy(q.inputs[_prefix + _k].astype(np.int64))[_layout == _i]
+                       for _k in ("sign", "exponent", "mantissa")]
+            q.answer(f"{_prefix}layout{_i}", fields_to_value(*_fields, _E, _M))
+    for _tag, (_E, _M) in (("fp16", (5, 10)), ("bf16", (8, 7))):  # every bit pattern
+        _b = torch.arange(2**16, dtype=torch.int64)
+        q.answer(f"all_{_tag}", fields_to_value(_b >> (_E + _M), (_b >> _M) & (2**_E - 1), _b & (2**_M - 1), _E, _M))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -365,16 +340,15 @@ with exercise("Exercise 3: limits from the layout"):
                 hint="e_max = 2**E - 1 and m_max = 2**M - 2 without infinities")
     check_close(format_limits(4, 3, has_inf=True)["max"], 240.0, "an IEEE-style E4M3 would stop at 240")
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_ref = reference("lab01_precision_formats", "format_limits")
-for _j in range(len(_ref["max"])):
-    _E, _M, _inf = int(_ref["exponent_bits"][_j]), int(_ref["mantissa_bits"][_j]), bool(_ref["has_inf"][_j])
-    with forbid("qcore.formats.FloatFormat", "torch.finfo", "numpy.finfo"):
-        _lim = format_limits(_E, _M, has_inf=_inf)
-    for _k in ("max", "min_normal", "min_subnormal", "eps"):
-        assert math.isclose(float(_lim[_k]), float(_ref[_k][_j]), rel_tol=1e-12, abs_tol=0.0), \
-            f"E{_E}M{_M} has_inf={_inf}: {_k}"
+with ask("lab01_precision_formats", "ex3_format_limits_tests", "format_limits",
+         forbid=("qcore.formats.FloatFormat", "torch.finfo", "numpy.finfo")) as q:
+    for _prefix in ("", "visible_"):
+        _lims = [format_limits(int(_E), int(_M), has_inf=bool(_inf)) for _E, _M, _inf in
+                 zip(*(q.inputs[_prefix + _k] for _k in ("exponent_bits", "mantissa_bits", "has_inf")))]
+        for _k in ("max", "min_normal", "min_subnormal", "eps"):
+            q.answer(_prefix + _k, np.array([float(_lim[_k]) for _lim in _lims]))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -504,60 +478,16 @@ with exercise("Exercise 4: round to BF16 by hand"):
     check_true(bool(torch.isnan(round_to_bf16(nan)).all()), "NaN stays NaN (also 0x7F800001)",
                hint="for NaN use (b >> 16) | 0x0040: rounding the payload away would give inf")
 ### BEGIN HIDDEN TESTS
-from torch.overrides import TorchFunctionMode
+from qcore.asking import NoCastTo, ask
 
-from qcore.checks import Forbidden, forbid, reference
-
-
-def _has_floats(v):
-    """True for float data that is not bfloat16: a tensor, a numpy array, or Python floats in a list."""
-    if isinstance(v, torch.Tensor):
-        return v.is_floating_point() and v.dtype != torch.bfloat16
-    if isinstance(v, np.ndarray):
-        return v.dtype.kind == "f"
-    if isinstance(v, (list, tuple)):
-        return any(isinstance(a, float) or _has_floats(a) for a in v)
-    return False
-
-
-class _NoCastToBF16(TorchFunctionMode):
-    """A torch call that makes bfloat16 out of other float data is the cast itself (a bit .view is fine)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if (func is not torch.Tensor.view and isinstance(out, torch.Tensor) and out.dtype == torch.bfloat16
-                and any(_has_floats(a) for a in (*args, *kwargs.values()))):
-            raise Forbidden("this exercise must round by hand, not cast to torch.bfloat16")
-        return out
-
-
-def _same(_got, _want, _what):
-    _got = torch.as_tensor(_got).to(torch.float32)
-    assert _got.shape == _want.shape, f"{_what}: shape"
-    _n = torch.isnan(_want)
-    assert torch.equal(torch.isnan(_got), _n), f"{_what}: NaN handling"
-    assert torch.equal(_got[~_n].view(torch.int32), _want[~_n].view(torch.int32)), f"{_what}: values differ"
-
-
-_ref = reference("lab01_precision_formats", "round_to_bf16")
-_x = torch.from_numpy(_ref["x_bits"].view(np.int32)).view(torch.float32)
-_want = torch.from_numpy(_ref["expected_bits"].view(np.int32)).view(torch.float32)
-# A million more values, half random bit patterns (all exponents, NaN, inf), half ordinary numbers;
-# the expected values come from torch's own cast, made before the student's code runs.
-_g = torch.Generator().manual_seed(11)
-_random_bits = torch.randint(-(2**31), 2**31, (500_000,), dtype=torch.int64, generator=_g)
-_magnitudes = 10.0 ** torch.randint(-8, 9, (500_000,), generator=_g)
-_big = torch.cat([_random_bits.to(torch.int32).view(torch.float32),
-                  torch.randn(500_000, generator=_g) * _magnitudes])
-_big_want = _big.to(torch.bfloat16).to(torch.float32)
-with forbid("qcore.formats.round_to_format", "qcore.formats.decompose", "torch.Tensor.bfloat16"), \
-        _NoCastToBF16():
-    _got = round_to_bf16(_x.clone())
-    _big_got = round_to_bf16(_big.clone())
-_same(_got, _want, "reference inputs (ties, overflow, NaN, subnormals)")
-_same(_big_got, _big_want, "a million values against .to(torch.bfloat16)")
-_same(round_to_bf16(_x[:30].reshape(5, 6).t()), _want[:30].reshape(5, 6).t(), "a 2-D, non-contiguous input")
+with ask("lab01_precision_formats", "ex4_round_to_bf16_tests", "round_to_bf16",
+         forbid=("qcore.formats.round_to_format", "qcore.formats.decompose", "torch.Tensor.bfloat16")) as q, \
+        NoCastTo(torch.bfloat16):
+    for _prefix in ("", "visible_"):
+        _x = torch.from_numpy(q.inputs[_prefix + "x_bits"].view(np.int32)).view(torch.float32)
+        q.answer(_prefix + "x", round_to_bf16(_x.clone()))
+    _x = torch.from_numpy(q.inputs["x_bits"][:30].view(np.int32)).view(torch.float32)
+    q.answer("matrix", round_to_bf16(_x.reshape(5, 6).t()))  # 2-D, not contiguous
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -625,17 +555,13 @@ with exercise("Exercise 5: memory arithmetic"):
                 "100 weights in groups of 64: 2 scales",
                 hint="a partial last group still needs its scale: math.ceil(n_params / group_size)")
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_ref = reference("lab01_precision_formats", "model_bytes")
-for _j in range(len(_ref["expected"])):
-    _n, _b = float(_ref["n_params"][_j]), float(_ref["bits"][_j])
-    _gs, _sb = int(_ref["group_size"][_j]), int(_ref["scale_bits"][_j])
-    with forbid("qcore.formats.memory_bytes"):
-        _got = model_bytes(_n, _b, group_size=_gs or None, scale_bits=_sb)
-    assert math.isclose(float(_got), float(_ref["expected"][_j]), rel_tol=1e-12, abs_tol=1e-9), \
-        f"n_params={_n:g} bits={_b:g} group_size={_gs or None} scale_bits={_sb}"
-assert model_bytes(7, 4) == 3.5 and model_bytes(7, 4, group_size=3, scale_bits=32) == 15.5
+with ask("lab01_precision_formats", "ex5_model_bytes_tests", "model_bytes", forbid=("qcore.formats.memory_bytes",)) as q:
+    for _prefix in ("", "visible_"):
+        _rows = zip(*(q.inputs[_prefix + _k].tolist() for _k in ("n_params", "bits", "group_size", "scale_bits")))
+        q.answer(_prefix + "bytes", np.array([float(model_bytes(_n, _b, group_size=int(_g) or None,
+                                                               scale_bits=int(_s))) for _n, _b, _g, _s in _rows]))
 ### END HIDDEN TESTS
 
 # %% [markdown]

@@ -29,10 +29,10 @@ ONE_WRONG_LAB = "lab01_precision_formats"  # where the class also holds carol (o
 
 
 def scratch_course(root: Path) -> Path:
-    """A course to grade in: the real config, masters and references."""
+    """A course to grade in: the real config, masters, references and reference generators (judges)."""
     root.mkdir(parents=True)
     shutil.copy2(build_mod.COURSE / "nbgrader_config.py", root)
-    for part in ("masters", "reference"):
+    for part in ("masters", "reference", "refgen"):
         if (build_mod.COURSE / part).is_dir():
             shutil.copytree(build_mod.COURSE / part, root / part)
     return root

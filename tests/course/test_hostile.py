@@ -35,7 +35,7 @@ def scratch_course(root: Path) -> Path:
     shutil.copy2(build_mod.COURSE / "nbgrader_config.py", root)
     with open(root / "nbgrader_config.py", "a") as f:
         f.write(TEST_LIMITS)
-    for part in ("masters", "reference"):
+    for part in ("masters", "reference", "refgen"):
         shutil.copytree(build_mod.COURSE / part, root / part)
     return root
 

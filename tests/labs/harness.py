@@ -36,7 +36,10 @@ import yaml  # noqa: E402
 from IPython.core.inputtransformer2 import TransformerManager  # noqa: E402
 from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions  # noqa: E402
 
+import qcore.asking  # noqa: E402
 import qcore.zoo  # noqa: E402
+from qcore.checks import reference  # noqa: E402
+from qcourse.judge import Verdict, hidden_tests  # noqa: E402
 from qcourse.master import load_master  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -109,6 +112,23 @@ class Kernel:
                 exec(code, self.ns)
         finally:
             sys.modules["__main__"] = saved
+
+
+def run_tests(kernel: Kernel, lab: str, tests_id: str, source: str) -> list[tuple[str, str]]:
+    """Run a test cell's source (or its hidden part) in ``kernel``, raising what it raises; for a
+    hidden test that is judged outside the kernel (``qcourse.judge``), judge the answers its ask
+    recorded, as the grader would, on the committed inputs. Returns the judge's failures."""
+    kernel.run(source)
+    test = hidden_tests(lab, REPO / "course").get(tests_id)
+    if test is None or "with ask(" not in source:
+        return []
+    answers = qcore.asking.ANSWERS.get(tests_id)
+    if answers is None:
+        return [("", "the ask recorded no answers")]
+    inputs = reference(lab, test.file)
+    verdict = Verdict(answers)
+    test.judge(verdict, inputs, test.expected(inputs), answers)
+    return verdict.failures
 
 
 # ----------------------------------------------------------------------------- specs

@@ -13,7 +13,9 @@ import re
 
 import pytest
 
-from harness import REGION, Kernel, cell_of, discover_labs, grade_id, hidden_part, patched, region_owners, role
+from harness import (REGION, REPO, Kernel, cell_of, discover_labs, grade_id, hidden_part, patched, region_owners, role,
+                     run_tests)
+from qcourse.judge import hidden_tests
 from qcore.checks import CheckFailed
 
 LABS = discover_labs()
@@ -56,7 +58,13 @@ def test_markers_are_paired_and_in_their_cells(lab):
             visible, hidden = src.split("### BEGIN HIDDEN TESTS")
             assert "with exercise(" in visible and "with exercise(" not in hidden
             assert hidden.rstrip().endswith("### END HIDDEN TESTS")  # nothing after the hidden part
-            assert "reference(" in hidden and not re.search(r"reference\(|forbid\(", visible)
+            assert not re.search(r"reference\(|forbid\(|ask\(", visible)
+            judged = hidden_tests(spec.name, REPO / "course")
+            if grade_id(cell) in judged:  # asks inside the kernel, judged by the grader
+                assert hidden.count("with ask(") == 1 and f'"{grade_id(cell)}"' in hidden, grade_id(cell)
+                assert "assert" not in hidden and "reference(" not in hidden, grade_id(cell)
+            else:
+                assert "reference(" in hidden, grade_id(cell)
             assert "print(" not in hidden
         else:
             assert "### BEGIN" not in src and "### END" not in src, f"marker outside a graded cell: {src[:60]!r}"
@@ -114,29 +122,33 @@ def test_untouched_student_notebook_runs_to_the_end(lab):
 
 # ----------------------------------------------------------------------------- hidden tests, mutants
 @each_exercise
-def test_hidden_part_passes_with_the_solution(ex, lab):
+def test_hidden_part_passes_with_the_solution(spec, ex, lab):
     kernel = Kernel(lab.solved.ns)
     kernel.run(cell_of(lab.master_nb, ex.id).source)  # defined here, so that the cell's swaps reach its globals
-    kernel.run(hidden_part(cell_of(lab.master_nb, ex.tests_id).source))
+    assert run_tests(kernel, spec.name, ex.tests_id, hidden_part(cell_of(lab.master_nb, ex.tests_id).source)) == []
     assert kernel.stderr.getvalue() == "" and kernel.stdout.getvalue() == ""
 
 
 @each_exercise
-def test_unpatched_templates_pass(ex, lab):
+def test_unpatched_templates_pass(spec, ex, lab):
     """The template the mutants patch is a correct solution: a mutant fails for its own mistake."""
     kernel = Kernel(lab.solved.ns)
     kernel.run(patched(ex.template))
-    kernel.run(cell_of(lab.master_nb, ex.tests_id).source)
+    assert run_tests(kernel, spec.name, ex.tests_id, cell_of(lab.master_nb, ex.tests_id).source) == []
     assert kernel.stderr.getvalue() == ""
 
 
 @pytest.mark.parametrize("spec,ex,name", CASES, ids=[f"{s.short}-{e.id}-{n}" for s, e, n in CASES])
-def test_mutant_is_rejected(ex, name, lab):
+def test_mutant_is_rejected(spec, ex, name, lab):
+    """Rejected: the cell raises (a visible check, a forbidden call), or the judge fails its answers."""
     source = cell_of(lab.master_nb, ex.tests_id).source
     for part in (source, hidden_part(source)):  # the whole cell, then its hidden tests alone
         # One namespace per run, as in a kernel: the mutant's globals are the ones forbid() patches.
         kernel = Kernel(lab.solved.ns)
         kernel.run(ex.mutant(name))
         kernel.run(ex.smoke)  # a plausible submission: it runs
-        with pytest.raises(Exception):
-            kernel.run(part)
+        try:
+            failures = run_tests(kernel, spec.name, ex.tests_id, part)
+        except Exception:
+            continue
+        assert failures, f"{name}: passed the {'cell' if part is source else 'hidden part'}"
