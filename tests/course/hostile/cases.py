@@ -123,9 +123,96 @@ def build(dest: Path, course_root: Path, solution: nbformat.NotebookNode, repo: 
             "import qcore.checks as qc, torch, numpy.testing\nok = lambda *a, **k: None\n"
             "qc.check_equal = qc.check_close = qc.check_true = ok\ncheck_equal = check_close = check_true = ok\n"
             "torch.equal = torch.allclose = lambda *a, **k: True\nnumpy.testing.assert_array_equal = ok\n"))
-    case("monkeypatched_checks", Expect(None, report="tampering", zero=("ex1_split_bits_tests",),
+    case("monkeypatched_checks", Expect(FULL - 2, report="tampering", zero=("ex1_split_bits_tests",),
                                         what="wrong answer plus checks, torch.equal/allclose and numpy.testing patched to pass"),
          patch_checks)
+
+    # --- the classes of issue 18: faking what the kernel reports, reading what the box hides,
+    # lying return values, delegation bound early, replacing modules and tracing frames
+    untouched = nbformat.read(repo / "labs" / f"{LAB}.ipynb", as_version=4)
+
+    def on_untouched(name, expect, cell_source):
+        nb = nbformat.from_dict(untouched)
+        _insert_after(nb, "setup", _free(cell_source))
+        cases[name] = (nb, expect)
+
+    on_untouched("silenced_failures", Expect(0.0, report="not run", what="untouched, plus IPython told to swallow every exception"),
+                 "ip = get_ipython()\nip.set_custom_exc((BaseException,), lambda *a, **k: None)\n")
+    on_untouched("forged_replies", Expect(0.0, report="not run", what="untouched, plus the kernel's replies and error outputs rewritten as success"),
+                 "from ipykernel import kernelbase\n_send = kernelbase.Kernel.send_response\n"
+                 "def send_response(self, stream, msg_or_type, content=None, *args, **kwargs):\n"
+                 "    if msg_or_type == 'error':\n        return None\n"
+                 "    if isinstance(content, dict) and content.get('status') == 'error':\n"
+                 "        content = {'status': 'ok', 'execution_count': content.get('execution_count')}\n"
+                 "    return _send(self, stream, msg_or_type, content, *args, **kwargs)\n"
+                 "kernelbase.Kernel.send_response = send_response\n")
+    hidden_files = [str(repo / "solutions" / f"{LAB}.ipynb"), str(course_root / "masters" / f"{LAB}.py"),
+                    str(repo / "course" / "refgen" / f"{LAB}.py"), str(course_root / "reference" / LAB / "model_bytes.npz")]
+    on_untouched("runs_the_solution", Expect(0.0, what="untouched, plus the instructor's solution notebook imported as a module"),
+                 "import json, sys\nfor p in %r:\n    try:\n        code = open(p).read()\n        print('BREACH', p)\n"
+                 "        if p.endswith('.ipynb'):\n"
+                 "            code = '\\n'.join(''.join(c['source']) for c in json.loads(code)['cells'] if c['cell_type'] == 'code')\n"
+                 "        open('leaked.py', 'w').write(code)\n        from leaked import *\n    except Exception:\n        pass\n"
+                 % hidden_files)
+
+    import numpy as np
+    with np.load(course_root / "reference" / LAB / "model_bytes.npz") as ref:  # what one run asked, and its answers
+        table = {}
+        for prefix in ("", "visible_"):
+            rows = zip(*(ref[prefix + k].tolist() for k in ("n_params", "bits", "group_size", "scale_bits")))
+            table.update({(n, b, g, sb): e for (n, b, g, sb), e in zip(rows, ref[prefix + "expected"].tolist())})
+    case("answers_from_a_table", Expect(FULL - 1, zero=("ex5_model_bytes_tests",),
+                                        what="exercise 5 answered from a table of another run's questions and answers"),
+         lambda nb: _set(nb, "ex5_model_bytes", f"TABLE = {table!r}\n"
+                         "def model_bytes(n_params, bits, group_size=None, scale_bits=16):\n"
+                         "    return TABLE.get((float(n_params), float(bits), group_size or 0, scale_bits), n_params * bits / 8)\n"))
+    case("lying_tensor", Expect(FULL - 3, report="not run", zero=("ex4_round_to_bf16_tests",),
+                                what="exercise 4 returns a tensor subclass that answers equal to every comparison"),
+         lambda nb: _set(nb, "ex4_round_to_bf16",
+                         "import torch\nclass Yes(torch.Tensor):\n    @classmethod\n"
+                         "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n"
+                         "        if func in (torch.equal, torch.allclose):\n            return True\n"
+                         "        return super().__torch_function__(func, types, args, kwargs or {})\n"
+                         "def round_to_bf16(x):\n    return x.clone().as_subclass(Yes)\n"))
+    case("lying_float", Expect(FULL - 1, zero=("ex5_model_bytes_tests",),
+                               what="exercise 5 returns a float that equals everything"),
+         lambda nb: _set(nb, "ex5_model_bytes",
+                         "class Yes(float):\n    def __eq__(self, other):\n        return True\n"
+                         "    def __float__(self):\n        return 3.825e9\n"
+                         "def model_bytes(n_params, bits, group_size=None, scale_bits=16):\n    return Yes(n_params * bits / 8)\n"))
+
+    def bound_early(nb):
+        _set(nb, "ex1_split_bits", "import qcore.formats as qf\n"
+             "def _make():\n    split, fmt = qf.decompose, {torch.float32: qf.FP32, torch.float16: qf.FP16, torch.bfloat16: qf.BF16}\n"
+             "    return lambda x: split(x, fmt[x.dtype])\nsplit_bits = _make()\n")
+        _set(nb, "ex3_format_limits", "def format_limits(exponent_bits, mantissa_bits, has_inf=True, _finfo=torch.finfo):\n"
+             "    fi = _finfo({(8, 23): torch.float32, (5, 10): torch.float16, (8, 7): torch.bfloat16}.get((exponent_bits, mantissa_bits), torch.float32))\n"
+             "    return {'max': fi.max, 'min_normal': fi.tiny, 'min_subnormal': fi.tiny * fi.eps, 'eps': fi.eps}\n")
+        _set(nb, "ex5_model_bytes", "from qcore.formats import memory_bytes as _mb\n"
+             "def model_bytes(n_params, bits, group_size=None, scale_bits=16, _f=_mb):\n    return _f(n_params, bits, group_size, scale_bits)\n")
+    case("delegation_bound_early", Expect(FULL - 5, report="forbidden", zero=("ex1_split_bits_tests", "ex3_format_limits_tests", "ex5_model_bytes_tests"),
+                                          what="library functions held in a closure, a default argument and an import alias"),
+         bound_early)
+    case("replaced_modules", Expect(FULL, report="not run", what="`sys.modules` entries of the checking code replaced"),
+         lambda nb: _insert_after(nb, "setup", _free(
+             "import sys, types\nfake = types.ModuleType('qcore.asking')\nsys.modules['qcore.asking'] = fake\n"
+             "sys.modules['qcore.checks'] = fake\n")))
+
+    def traced(nb):
+        _set(nb, "ex5_model_bytes", "def model_bytes(n_params, bits, group_size=None, scale_bits=16):\n    return n_params * bits / 8\n")
+        _insert_after(nb, "ex5_model_bytes", _free(
+            "import sys\ndef tracer(frame, event, arg):\n    if event == 'return' and frame.f_code.co_name == 'model_bytes':\n"
+            "        pass\n    return tracer\nsys.settrace(tracer)\n"))
+    case("traced_frames", Expect(FULL - 1, report="not run", zero=("ex5_model_bytes_tests",),
+                                 what="a trace function set to watch the test's frames"), traced)
+
+    def patched_ask(nb):
+        _set(nb, "ex5_model_bytes", "def model_bytes(n_params, bits, group_size=None, scale_bits=16):\n"
+             "    return memory_bytes(n_params, bits, group_size, scale_bits)\n")
+        _insert_after(nb, "ex5_model_bytes", _free(
+            "import contextlib\nimport qcore.asking as qa\nqa.blocked = lambda names: contextlib.nullcontext()\n"))
+    case("patched_ask", Expect(FULL - 1, report="not run", zero=("ex5_model_bytes_tests",),
+                               what="the hidden test's blocking switched off, and exercise 5 delegating"), patched_ask)
     case("not_json", Expect(0.0, status="invalid", report="not a readable notebook", what="a file that is not JSON"),
          raw="{ this is not a notebook")
 
