@@ -156,7 +156,7 @@ def build(dest: Path, course_root: Path, solution: nbformat.NotebookNode, repo: 
                  % hidden_files)
 
     import numpy as np
-    with np.load(course_root / "reference" / LAB / "model_bytes.npz") as ref:  # what one run asked, and its answers
+    with np.load(repo / "course" / "reference" / LAB / "model_bytes.npz") as ref:  # what one run asked, and its answers
         table = {}
         for prefix in ("", "visible_"):
             rows = zip(*(ref[prefix + k].tolist() for k in ("n_params", "bits", "group_size", "scale_bits")))
