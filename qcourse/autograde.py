@@ -133,6 +133,19 @@ def _read_scores(work: Path, lab: str, student: str) -> dict[str, float]:
         return {g.name: float(g.score) for nb in sub.notebooks for g in nb.grades}
 
 
+@lru_cache(maxsize=None)
+def share_model_cache(cache: Path) -> None:
+    """Make the model cache readable by the kernels' users (the box mounts it read-only; models
+    prepared by older versions were written for their owner only)."""
+    for path in [cache, *cache.rglob("*")]:
+        st = path.lstat()
+        if path.is_symlink() or st.st_uid != os.getuid():
+            continue
+        wanted = st.st_mode | (0o555 if path.is_dir() else 0o444)
+        if st.st_mode != wanted:
+            path.chmod(wanted)
+
+
 def _sandbox_env(work: Path, lab: str, student: str, course_root: Path, limits: Limits, cgroup: str) -> dict:
     """Kernel spec and environment so that nbgrader starts this submission's kernel boxed.
 
@@ -157,7 +170,13 @@ def _sandbox_env(work: Path, lab: str, student: str, course_root: Path, limits: 
     # the runtime folder holds the kernel's connection file and its IPC sockets (the kernel has
     # no network, not even the grader's loopback, so the two talk over unix sockets)
     mounts += [("rw", work / "runtime"), ("ro", work / "reference"), ("rw", exec_dir)]
-    env = sandbox.write_kernel_spec(work, limits, mounts, cgroup)
+    uid = sandbox.kernel_uid(cgroup)  # the kernel's own unprivileged user, where the grader is root
+    if uid is not None:
+        if cache_dir().is_dir():
+            share_model_cache(cache_dir().resolve())
+        for d in (work / "runtime", exec_dir):  # the only places it may write
+            os.chown(d, uid, uid)
+    env = sandbox.write_kernel_spec(work, limits, mounts, cgroup, uid)
     # unix sockets at an absolute path both sides see (a relative one would resolve against two
     # different working folders); the connection file goes there too, via TMPDIR
     with open(work / "nbgrader_config.py", "a") as cfg:
@@ -261,6 +280,7 @@ def grade_one(lab: str, student: str, notebook: Path, template: Path, work: Path
             notes.append(note)
     finally:
         sandbox.kill_cgroup(cgroup)
+    notes += sandbox.held_caps(work)
     if code is None:
         outcome.status, outcome.message = "timeout", f"stopped after {timeout:.0f} s (wall-time limit)"
     elif code != 0 or not (work / "autograded" / student / lab).is_dir():

@@ -70,6 +70,8 @@ def writing(name: str, meta: dict) -> Iterator[Path]:
     try:
         yield tmp
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        for f in tmp.rglob("*"):  # readable by every user: graders run kernels as users of their own
+            f.chmod(0o755 if f.is_dir() else 0o644)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
