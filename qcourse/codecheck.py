@@ -11,7 +11,8 @@ because the process is the student's:
   dunder attributes such as ``__code__``, torch function modes switched off, threads and other
   processes (where no block holds);
 - **early binding of a C function**: a forbidden C function (``math.frexp``, ``numpy.finfo``) used
-  other than by a direct call, e.g. kept in a default argument, or named in a string.
+  other than by a direct call (an attribute ``np.frexp``, or a name it was imported as, kept in a
+  default argument or an alias), or fetched with ``getattr(np, "frexp")``.
 
 Honest lab code needs none of these. The grader does not run a cell that holds one
 (``qcourse.autograde``): the cell is replaced by an error that names the construct, so the rest
@@ -47,7 +48,8 @@ OS_ATTRS = {"system", "popen", "execv", "execve", "execvp", "execvpe", "execl", 
             "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnvp", "posix_spawn", "posix_spawnp", "forkpty"}
 TORCH_SWITCHES = ("_C", "overrides", "DisableTorchFunction", "_disabled_torch_function_impl",
                   "TorchFunctionMode", "_len_torch_function_stack", "_pop_torch_function_stack")
-HARMLESS_DUNDERS = {"__init__", "__name__", "__doc__", "__len__", "__version__", "__main__", "__file__",
+HARMLESS_DUNDERS = {"__init__", "__name__", "__qualname__", "__module__", "__doc__", "__len__", "__version__",
+                    "__main__", "__file__",
                     "__getitem__", "__setitem__", "__iter__", "__next__", "__repr__", "__str__", "__call__",
                     "__enter__", "__exit__", "__post_init__"}
 
@@ -66,9 +68,10 @@ def _python(source: str) -> str:
 
 
 class _Visitor(ast.NodeVisitor):
-    def __init__(self, early: set[str]):
+    def __init__(self, early: set[str], imported_early: set[str]):
         self.found: list[tuple[str, int]] = []
         self.early = early
+        self.imported_early = imported_early  # local names a forbidden C function was imported as
         self.modules: set[str] = set()  # names bound to modules (or their members) by imports
         self.called: set[int] = set()   # ids of nodes that are the function of a call
 
@@ -98,15 +101,19 @@ class _Visitor(ast.NodeVisitor):
         fn = node.func
         if isinstance(fn, ast.Name) and fn.id in DYNAMIC_CALLS:
             self.flag(node, f"{fn.id}()")
-        if isinstance(fn, ast.Name) and fn.id == "getattr" and not (
-                len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
-            self.flag(node, "getattr() with a computed name")
+        if isinstance(fn, ast.Name) and fn.id == "getattr":
+            name = node.args[1] if len(node.args) >= 2 else None
+            if not (isinstance(name, ast.Constant) and isinstance(name.value, str)):
+                self.flag(node, "getattr() with a computed name")
+            elif name.value in self.early:
+                self.flag(node, f"getattr(..., {name.value!r})")
         self.generic_visit(node)
 
     def visit_Name(self, node):
         if node.id in ("getattr", "__builtins__") and id(node) not in self.called:
             self.flag(node, f"{node.id} used as a value")
-        self._early(node, node.id)
+        if node.id in self.imported_early and id(node) not in self.called:
+            self.flag(node, f"{node.id} referenced without being called")
         self.generic_visit(node)
 
     def visit_Attribute(self, node):
@@ -130,8 +137,6 @@ class _Visitor(ast.NodeVisitor):
             if "__" in text and any(d in text for d in ("__code__", "__globals__", "__dict__", "__closure__",
                                                         "__builtins__", "__import__", "__class__", "__subclasses__")):
                 self.flag(node, f"the string {text[:40]!r}")
-            if text in self.early:
-                self.flag(node, f"the string {text!r}")
         self.generic_visit(node)
 
     def _from_module(self, node) -> bool:
@@ -148,13 +153,16 @@ def check_cells(cells: list[tuple[int, str]], early: set[str]) -> list[Finding]:
     """Findings in the student's code cells (``(index, source)``); ``early``: the names of the
     lab's forbidden C functions (see the module's docstring). A cell that does not parse is left
     alone: it fails in the kernel too."""
-    found = []
+    found, trees = [], []
     for index, source in cells:
         try:
-            tree = ast.parse(_python(source))
+            trees.append((index, ast.parse(_python(source))))
         except SyntaxError:
             continue
-        visitor = _Visitor(early)
+    imported_early = {alias.asname or alias.name for _, tree in trees for node in ast.walk(tree)
+                      if isinstance(node, ast.ImportFrom) for alias in node.names if alias.name in early}
+    for index, tree in trees:
+        visitor = _Visitor(early, imported_early)
         for node in ast.walk(tree):  # the calls first, so that a called name is known as called
             if isinstance(node, ast.Call):
                 visitor.called.add(id(node.func))

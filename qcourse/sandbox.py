@@ -87,8 +87,8 @@ def bwrap_args(mounts: list[tuple[str, Path]]) -> list[str]:
         >>> args = bwrap_args([("hide", Path("/srv/course")), ("rw", Path("/tmp/w"))])
         >>> args[:3], "--unshare-net" in args
         (['bwrap', '--ro-bind', '/'], True)
-        >>> args[-9:]
-        ['--tmpfs', '/srv/course', '--perms', '0755', '--dir', '/tmp', '--bind', '/tmp/w', '/tmp/w']
+        >>> args[-5:]
+        ['--tmpfs', '/srv/course', '--bind', '/tmp/w', '/tmp/w']
     """
     args = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--perms", "1777", "--tmpfs", "/tmp",
             "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--die-with-parent",
@@ -100,7 +100,10 @@ def bwrap_args(mounts: list[tuple[str, Path]]) -> list[str]:
     for kind, path in mounts:
         if kind != "hide":  # the folders bubblewrap makes on the way into a hidden one: open to the kernel's user
             for parent in reversed(Path(path).parents[:-1]):
-                args += ["--perms", "0755", "--dir", str(parent)]
+                if parent != Path("/tmp"):  # /tmp stays world-writable (1777)
+                    args += ["--perms", "0755", "--dir", str(parent)]
+        if kind == "hide":  # an empty folder; /tmp stays writable for everyone, as a system's is
+            args += ["--perms", "1777" if Path(path) == Path("/tmp") else "0755"]
         args += flags[kind] + [str(path)] * (1 if kind == "hide" else 2)
     return args
 
@@ -287,7 +290,11 @@ def launch(argv: list[str]) -> None:
     # address space: the memory cap plus room for the libraries' reserved-but-unused mappings
     space = (limits.memory_mb + 8192) * mb
     resource.setrlimit(resource.RLIMIT_AS, (space, space))
-    resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))  # non-root users
+    # processes of the kernel's user: the backstop where the cgroup's cap did not hold. Where it
+    # did, the cap is the cgroup's; a per-user count as tight would also refuse the kernel's own
+    # threads while a fork bomb's processes wait to be reaped (the kernel then dies, measured)
+    nproc = limits.processes * (4 if held["processes"] else 1)
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
     cmd = argv[sep + 1:]
     uid = os.getuid()
     if a.uid is not None and os.geteuid() == 0:

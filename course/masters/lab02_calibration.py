@@ -159,39 +159,28 @@ with exercise("Exercise 1: scale and zero-point"):
     check_equal(zp.to(torch.int64), torch.tensor([4, 0, 4]), "three ranges at once: zero-points",
                 hint="-round(-2 / (7/15)) = -round(-4.29) = 4: round to nearest, not down")
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("qcore.quant.qrange", "qcore.quant.qparams_from_range", "qcore.quant.choose_qparams",
-              "torch.ao.quantization.observer.UniformQuantizationObserverBase._calculate_qparams")
-with forbid(*_forbidden):
-    _grids = {(_b, _s): tuple(int(_v) for _v in int_grid(_b, _s)) for _b in range(2, 17) for _s in (False, True)}
-for (_b, _s), _g in _grids.items():
-    _want = (-(2 ** (_b - 1) - 1), 2 ** (_b - 1) - 1) if _s else (0, 2**_b - 1)
-    assert _g == _want, f"int_grid({_b}, symmetric={_s}) = {_g}"
-_ref = reference("lab02_calibration", "scale_zero_point")
-_xmin, _xmax = torch.from_numpy(_ref["xmin"]), torch.from_numpy(_ref["xmax"])
-_bits, _sym = torch.from_numpy(_ref["bits"]), torch.from_numpy(_ref["symmetric"])
-_want_s, _want_z = torch.from_numpy(_ref["scale"]).double(), torch.from_numpy(_ref["zero_point"])
-for _b in sorted(set(_bits.tolist())):
-    for _s in (False, True):
-        _sel = (_bits == _b) & (_sym == _s)
-        if not bool(_sel.any()):
-            continue
-        with forbid(*_forbidden):
-            _scale, _zp = scale_zero_point(_xmin[_sel].clone(), _xmax[_sel].clone(), _b, _s)
-        _scale, _zp = torch.as_tensor(_scale), torch.as_tensor(_zp)
-        _what = f"{_b} bits, symmetric={_s}"
-        assert _scale.shape == _zp.shape == _xmin[_sel].shape, f"{_what}: result shapes"
-        assert bool((torch.isfinite(_scale) & (_scale > 0)).all()), f"{_what}: a scale is not finite and positive"
-        assert torch.allclose(_scale.double(), _want_s[_sel], rtol=2e-6, atol=0.0), f"{_what}: scales differ"
-        assert torch.equal(_zp.double(), _want_z[_sel].double()), f"{_what}: zero-points differ"
-# One range at a time, as Python floats.
-for _j in range(0, len(_xmin), 5):
-    with forbid(*_forbidden):
-        _scale, _zp = scale_zero_point(float(_xmin[_j]), float(_xmax[_j]), int(_bits[_j]), bool(_sym[_j]))
-    _what = f"[{float(_xmin[_j])}, {float(_xmax[_j])}], {int(_bits[_j])} bits, symmetric={bool(_sym[_j])}"
-    assert math.isclose(float(_scale), float(_want_s[_j]), rel_tol=2e-6), f"scale of {_what}"
-    assert float(_zp) == float(_want_z[_j]), f"zero-point of {_what}"
+with ask("lab02_calibration", "ex1_scale_zero_point_tests", "scale_zero_point",
+         forbid=("qcore.quant.qrange", "qcore.quant.qparams_from_range", "qcore.quant.choose_qparams",
+                 "torch.ao.quantization.observer.UniformQuantizationObserverBase._calculate_qparams")) as q:
+    q.answer("grids", np.array([[int(_v) for _v in int_grid(_b, _s)] for _b in range(2, 17) for _s in (False, True)]))
+    for _prefix in ("", "visible_"):
+        _xmin, _xmax = (torch.from_numpy(q.inputs[_prefix + _k]) for _k in ("xmin", "xmax"))
+        _bits, _sym = (torch.from_numpy(q.inputs[_prefix + _k]) for _k in ("bits", "symmetric"))
+        _scale, _zp = torch.zeros(_xmin.shape, dtype=torch.float64), torch.zeros(_xmin.shape, dtype=torch.float64)
+        for _b in sorted(set(_bits.tolist())):
+            for _s in (False, True):
+                _sel = (_bits == _b) & (_sym == _s)
+                if bool(_sel.any()):
+                    _got = scale_zero_point(_xmin[_sel].clone(), _xmax[_sel].clone(), _b, _s)
+                    _scale[_sel], _zp[_sel] = (torch.as_tensor(_v).double() for _v in _got)
+        q.answer(_prefix + "scale", _scale)
+        q.answer(_prefix + "zero_point", _zp)
+    _pairs = [scale_zero_point(float(q.inputs["xmin"][_j]), float(q.inputs["xmax"][_j]), int(q.inputs["bits"][_j]),
+                               bool(q.inputs["symmetric"][_j])) for _j in range(0, len(q.inputs["xmin"]), 5)]
+    q.answer("float_scale", np.array([float(_p[0]) for _p in _pairs]))  # one range at a time, as Python floats
+    q.answer("float_zero_point", np.array([float(_p[1]) for _p in _pairs]))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -300,45 +289,19 @@ with exercise("Exercise 2: quantize and dequantize"):
     check_equal(q.to(torch.int64), torch.tensor([[42, -85, 127], [48, 32, -127]]), "a scale per row broadcasts")
     check_close(dequantize_affine(q, scale, 0), w, "...and comes back within half a step", atol=0.04)
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("qcore.quant.quantize", "qcore.quant.dequantize", "qcore.quant.fake_quantize",
-              "torch.quantize_per_tensor", "torch.quantize_per_channel",
-              "torch.fake_quantize_per_tensor_affine", "torch.fake_quantize_per_channel_affine")
-
-
-def _check(_x, _scale, _zp, _qmin, _qmax, _want_q, _want_x, _what):
-    with forbid(*_forbidden):
-        _q = quantize_affine(_x.clone(), _scale, _zp, _qmin, _qmax)
-        _x_hat = dequantize_affine(_want_q.to(torch.int32), _scale, _zp)
-    assert isinstance(_q, torch.Tensor) and not _q.is_floating_point(), f"{_what}: codes must be an integer tensor"
-    assert _q.shape == _x.shape, f"{_what}: codes have shape {tuple(_q.shape)}, not {tuple(_x.shape)}"
-    assert torch.equal(_q.to(torch.int64), _want_q), f"{_what}: codes differ"
-    assert isinstance(_x_hat, torch.Tensor) and _x_hat.dtype == torch.float32, f"{_what}: dequantize must give float32"
-    assert _x_hat.shape == _x.shape, f"{_what}: dequantized shape"
-    _tol = 1e-6 * float(_want_x.abs().max()) + 1e-30
-    assert torch.allclose(_x_hat, _want_x, rtol=1e-6, atol=_tol), f"{_what}: dequantized values differ"
-
-
-_ref = reference("lab02_calibration", "quantize")
-for _i in range(int(_ref["n_cases"])):
-    _scale, _zp = torch.from_numpy(_ref[f"scale{_i}"]), torch.from_numpy(_ref[f"zp{_i}"])
-    if _scale.ndim == 0 and _i % 2:  # plain numbers as well as tensors
-        _scale, _zp = float(_scale), int(_zp)
-    _check(torch.from_numpy(_ref[f"x{_i}"]), _scale, _zp, int(_ref["qmin"][_i]), int(_ref["qmax"][_i]),
-           torch.from_numpy(_ref[f"q{_i}"]), torch.from_numpy(_ref[f"xhat{_i}"]), f"reference case {_i}")
-# Random shapes, bits and grids; per-tensor and per-channel; data 30 % beyond the range.
-_g = torch.Generator().manual_seed(7)
-for _t in range(24):
-    _shape = tuple(torch.randint(1, 9, (int(torch.randint(1, 5, (1,), generator=_g)),), generator=_g).tolist())
-    _bits, _sym = (2, 4, 8)[_t % 3], bool(_t % 2)
-    _x = torch.randn(_shape, generator=_g) * float(10.0 ** torch.randint(-3, 4, (1,), generator=_g)) + 0.3 * _t
-    _gran = PerChannel(0) if (_t // 2) % 2 and len(_shape) > 1 else PerTensor()
-    _qp = choose_qparams(_x, _bits, _sym, _gran)
-    _x = _x * 1.3
-    _want_q = quantize(_x, _qp).to(torch.int64)
-    _check(_x, _qp.scale, _qp.zero_point, _qp.qmin, _qp.qmax, _want_q, dequantize(_want_q, _qp),
-           f"shape {_shape}, {_bits} bits, symmetric={_sym}, {type(_gran).__name__}")
+with ask("lab02_calibration", "ex2_quantize_tests", "quantize",
+         forbid=("qcore.quant.quantize", "qcore.quant.dequantize", "qcore.quant.fake_quantize",
+                 "torch.quantize_per_tensor", "torch.quantize_per_channel",
+                 "torch.fake_quantize_per_tensor_affine", "torch.fake_quantize_per_channel_affine")) as q:
+    for _i in range(int(q.inputs["n_cases"])):
+        _scale, _zp = torch.from_numpy(q.inputs[f"scale{_i}"]), torch.from_numpy(q.inputs[f"zp{_i}"])
+        if _scale.ndim == 0 and _i % 2:  # plain numbers as well as tensors
+            _scale, _zp = float(_scale), int(_zp)
+        _x = torch.from_numpy(q.inputs[f"x{_i}"])
+        q.answer(f"q{_i}", quantize_affine(_x.clone(), _scale, _zp, int(q.inputs["qmin"][_i]), int(q.inputs["qmax"][_i])))
+        q.answer(f"xhat{_i}", dequantize_affine(torch.from_numpy(q.inputs[f"codes{_i}"]), _scale, _zp))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -418,19 +381,14 @@ with exercise("Exercise 3: measuring the error"):
     check_close(quant_mse(u, u_hat), (1 / 127) ** 2 / 12, "uniform data, 8 bits: MSE = scale**2 / 12", rtol=0.02)
     check_close(quant_sqnr_db(u, u_hat), 20 * math.log10(254), "...and SQNR = 20 log10(2 * 127) = 48.1 dB", atol=0.1)
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_ref = reference("lab02_calibration", "errors")
-for _i in range(int(_ref["n_cases"])):
-    _x, _x_hat = torch.from_numpy(_ref[f"x{_i}"]), torch.from_numpy(_ref[f"xhat{_i}"])
-    with forbid("qcore.quant.mse", "qcore.quant.sqnr_db", "torch.nn.functional.mse_loss"):
-        _m, _s = quant_mse(_x.clone(), _x_hat.clone()), quant_sqnr_db(_x.clone(), _x_hat.clone())
-    _want_m, _want_s = float(_ref["mse"][_i]), float(_ref["sqnr"][_i])
-    assert math.isclose(float(_m), _want_m, rel_tol=1e-5, abs_tol=1e-15), f"case {_i}: MSE {float(_m)} != {_want_m}"
-    if math.isinf(_want_s):
-        assert math.isinf(float(_s)) and float(_s) > 0, f"case {_i}: x_hat == x must give +inf"
-    else:
-        assert abs(float(_s) - _want_s) < 1e-4, f"case {_i}: SQNR {float(_s)} != {_want_s}"
+with ask("lab02_calibration", "ex3_error_tests", "errors",
+         forbid=("qcore.quant.mse", "qcore.quant.sqnr_db", "torch.nn.functional.mse_loss")) as q:
+    _pairs = [(torch.from_numpy(q.inputs[f"x{_i}"]), torch.from_numpy(q.inputs[f"xhat{_i}"]))
+              for _i in range(int(q.inputs["n_cases"]))]
+    q.answer("mse", np.array([float(quant_mse(_a.clone(), _b.clone())) for _a, _b in _pairs]))
+    q.answer("sqnr", np.array([float(quant_sqnr_db(_a.clone(), _b.clone())) for _a, _b in _pairs]))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -583,7 +541,7 @@ finally:
     scale_zero_point, int_grid = yours
 ### BEGIN HIDDEN TESTS
 from qcore import quant as _quant
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
 
 def _ref_scale_zero_point(xmin, xmax, bits, symmetric, _f=_quant.qparams_from_range):
@@ -594,45 +552,20 @@ def _ref_scale_zero_point(xmin, xmax, bits, symmetric, _f=_quant.qparams_from_ra
 _saved = {_k: globals().get(_k) for _k in ("scale_zero_point", "int_grid")}
 # Exercise 1 is graded on its own: here the reference version stands in for it.
 globals().update(scale_zero_point=_ref_scale_zero_point, int_grid=_quant.qrange)
-_forbidden = ("qcore.quant.choose_qparams", "qcore.quant.PerChannel.reduce", "qcore.quant.PerGroup.reduce",
-              "qcore.quant.PerGroup.group", "qcore.calibrate.MinMaxObserver._update",
-              "torch.ao.quantization.observer.UniformQuantizationObserverBase._calculate_qparams")
 try:
-    def _check(_w, _kind, _param, _bits, _sym, _want_s, _want_z, _what):
-        with forbid(*_forbidden):
-            if _kind == "channel":
+    with ask("lab02_calibration", "ex4_granularity_tests", "granularity",
+             forbid=("qcore.quant.choose_qparams", "qcore.quant.PerChannel.reduce", "qcore.quant.PerGroup.reduce",
+                     "qcore.quant.PerGroup.group", "qcore.calibrate.MinMaxObserver._update",
+                     "torch.ao.quantization.observer.UniformQuantizationObserverBase._calculate_qparams")) as q:
+        for _i in range(int(q.inputs["n_cases"])):
+            _w, _param = torch.from_numpy(q.inputs[f"w{_i}"]), int(q.inputs["param"][_i])
+            _bits, _sym = int(q.inputs["bits"][_i]), bool(q.inputs["symmetric"][_i])
+            if str(q.inputs["kind"][_i]) == "channel":
                 _s, _z = per_channel_qparams(_w.clone(), _bits, _sym, axis=_param)
             else:
                 _s, _z = per_group_qparams(_w.clone(), _param, _bits, _sym)
-        _s, _z = torch.as_tensor(_s), torch.as_tensor(_z)
-        assert tuple(_s.shape) == tuple(_want_s.shape), \
-            f"{_what}: scale shape {tuple(_s.shape)}, expected {tuple(_want_s.shape)}"
-        assert tuple(_z.shape) == tuple(_want_s.shape), f"{_what}: zero-point shape {tuple(_z.shape)}"
-        assert torch.allclose(_s.double(), _want_s.double(), rtol=2e-6, atol=0.0), f"{_what}: scales differ"
-        assert torch.equal(_z.double(), _want_z.double()), f"{_what}: zero-points differ"
-
-    _ref = reference("lab02_calibration", "granularity")
-    for _i in range(int(_ref["n_cases"])):
-        _kind, _param = str(_ref["kind"][_i]), int(_ref["param"][_i])
-        _w = torch.from_numpy(_ref[f"w{_i}"])
-        _check(_w, _kind, _param, int(_ref["bits"][_i]), bool(_ref["symmetric"][_i]),
-               torch.from_numpy(_ref[f"scale{_i}"]), torch.from_numpy(_ref[f"zp{_i}"]),
-               f"reference case {_i} ({_kind} {_param}, shape {tuple(_w.shape)})")
-    # Random shapes (never square), axes and group sizes, against qcore computed beforehand.
-    _g = torch.Generator().manual_seed(5)
-    for _t in range(20):
-        _out, _gs = int(torch.randint(2, 12, (1,), generator=_g)), (4, 8, 16, 32)[_t % 4]
-        _in = _gs * int(torch.randint(1, 5, (1,), generator=_g))
-        _shape = (_out, _in if _in != _out else _in + _gs)
-        if _t % 5 == 4:
-            _shape = (3,) + _shape
-        _w = torch.randn(_shape, generator=_g) * torch.rand(_shape[:-1] + (1,), generator=_g) * 3 + 0.2 * (_t % 3)
-        _bits, _sym = (2, 4, 8)[_t % 3], bool(_t % 2)
-        _axis = (0, 1, -1, -2)[_t % 4] if len(_shape) == 2 else (0, 1, 2, -1)[_t % 4]
-        _qp = _quant.choose_qparams(_w, _bits, _sym, PerChannel(_axis))
-        _check(_w, "channel", _axis, _bits, _sym, _qp.scale, _qp.zero_point, f"per-channel {_shape} axis {_axis}")
-        _qp = _quant.choose_qparams(_w, _bits, _sym, PerGroup(_gs))
-        _check(_w, "group", _gs, _bits, _sym, _qp.scale, _qp.zero_point, f"per-group {_shape} group_size {_gs}")
+            q.answer(f"scale{_i}", torch.as_tensor(_s))
+            q.answer(f"zp{_i}", torch.as_tensor(_z))
 finally:
     globals().update(_saved)
 ### END HIDDEN TESTS
@@ -841,7 +774,7 @@ with exercise("Exercise 5: clipping thresholds"):
     check_equal(mse_threshold(torch.zeros(5), 4), 0.0, "all zeros: T = 0")
 ### BEGIN HIDDEN TESTS
 from qcore import quant as _quant
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
 
 def _ref_scale_zero_point(xmin, xmax, bits, symmetric, _f=_quant.qparams_from_range):
@@ -866,32 +799,19 @@ _saved = {_k: globals().get(_k) for _k in ("scale_zero_point", "int_grid", "quan
 # Exercises 1 to 3 are graded on their own: here reference versions stand in for them.
 globals().update(scale_zero_point=_ref_scale_zero_point, int_grid=_quant.qrange, quantize_affine=_ref_quantize,
                  dequantize_affine=_ref_dequantize, quant_mse=_ref_mse, quant_sqnr_db=_quant.sqnr_db)
-_forbidden = ("qcore.calibrate.PercentileObserver._range", "qcore.clipping.MSEObserver._range",
-              "qcore.clipping.MSEObserver.estimate_mse", "qcore.calibrate._Histogram.quantile",
-              "torch.quantile", "torch.Tensor.quantile", "torch.nanquantile", "torch.Tensor.nanquantile",
-              "numpy.percentile", "numpy.quantile", "numpy.nanpercentile", "numpy.nanquantile")
 try:
-    _ref = reference("lab02_calibration", "clipping")
-    for _i in range(int(_ref["n_data"])):
-        _x = torch.from_numpy(_ref[f"x{_i}"])
-        for _p, _want in zip(_ref["percentiles"].tolist(), _ref[f"pct{_i}"].tolist()):
-            with forbid(*_forbidden):
-                _got = float(percentile_threshold(_x.clone(), _p))
-            assert math.isclose(_got, _want, rel_tol=2e-6, abs_tol=1e-12), \
-                f"data {_i} (shape {tuple(_x.shape)}): percentile {_p} of |x| is {_want}, got {_got}"
-    for _j in range(len(_ref["mse_data"])):
-        _x = torch.from_numpy(_ref[f"x{int(_ref['mse_data'][_j])}"])
-        _bits, _n = int(_ref["mse_bits"][_j]), int(_ref["mse_n"][_j])
-        with forbid(*_forbidden):
-            _got = float(mse_threshold(_x.clone(), _bits, _n))
-        _amax = float(_x.abs().max())
-        _cands = _amax * np.arange(1, _n + 1) / _n
-        _k = int(np.abs(_cands - _got).argmin())
-        _what = f"data {int(_ref['mse_data'][_j])}, {_bits} bits, {_n} candidates"
-        assert abs(_cands[_k] - _got) <= 1e-6 * _amax, f"{_what}: {_got} is not one of the candidates max|x| * k / n"
-        _table = _ref[f"mse_table{_j}"]
-        assert _table[_k] <= _table.min() * (1 + 1e-5) + 1e-30, \
-            f"{_what}: T = {_got} has MSE {_table[_k]:.4g}; T = {_cands[int(_table.argmin())]} has {_table.min():.4g}"
+    with ask("lab02_calibration", "ex5_clipping_tests", "clipping",
+             forbid=("qcore.calibrate.PercentileObserver._range", "qcore.clipping.MSEObserver._range",
+                     "qcore.clipping.MSEObserver.estimate_mse", "qcore.calibrate._Histogram.quantile",
+                     "torch.quantile", "torch.Tensor.quantile", "torch.nanquantile", "torch.Tensor.nanquantile",
+                     "numpy.percentile", "numpy.quantile", "numpy.nanpercentile", "numpy.nanquantile")) as q:
+        for _i in range(int(q.inputs["n_data"])):
+            _x = torch.from_numpy(q.inputs[f"x{_i}"])
+            q.answer(f"pct{_i}", np.array([float(percentile_threshold(_x.clone(), _p))
+                                            for _p in q.inputs["percentiles"].tolist()]))
+        _rows = zip(*(q.inputs[_k].tolist() for _k in ("mse_data", "mse_bits", "mse_n")))
+        q.answer("mse", np.array([float(mse_threshold(torch.from_numpy(q.inputs[f"x{_i}"]).clone(), _b, _n))
+                                  for _i, _b, _n in _rows]))
 finally:
     globals().update(_saved)
 ### END HIDDEN TESTS
@@ -1024,35 +944,17 @@ with exercise("Exercise 6: packing"):
     back = unpack_4bit(pack_4bit(codes), (5, 7))
     check_equal(back.to(torch.int64), codes, "round trip of a [5, 7] tensor")
 ### BEGIN HIDDEN TESTS
-from qcore import packing as _packing
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("qcore.packing.pack", "qcore.packing.unpack", "qcore.packing.pack_int4", "qcore.packing.unpack_int4",
-              "qcore.packing.pack_int2", "qcore.packing.unpack_int2")
-
-
-def _check(_codes, _want, _what):
-    _shape = tuple(_codes.shape)
-    with forbid(*_forbidden):
-        _got = pack_4bit(_codes.clone())
-        _back = unpack_4bit(_want.clone(), _shape)
-    assert isinstance(_got, torch.Tensor) and _got.dtype == torch.uint8, f"{_what}: pack_4bit must return uint8"
-    assert tuple(_got.shape) == ((_codes.numel() + 1) // 2,), f"{_what}: {tuple(_got.shape)} bytes"
-    assert torch.equal(_got, _want), f"{_what}: packed bytes differ"
-    assert isinstance(_back, torch.Tensor) and tuple(_back.shape) == _shape, f"{_what}: unpacked shape"
-    assert torch.equal(_back.to(torch.int64), _codes.to(torch.int64)), f"{_what}: unpacked codes differ"
-
-
-_ref = reference("lab02_calibration", "pack")
-for _i in range(int(_ref["n_cases"])):
-    _codes = torch.from_numpy(_ref[f"codes{_i}"])
-    for _dtype in (torch.uint8, torch.int64):
-        _check(_codes.to(_dtype), torch.from_numpy(_ref[f"packed{_i}"]), f"reference case {_i} ({_dtype})")
-_g = torch.Generator().manual_seed(9)
-for _t in range(30):
-    _shape = tuple(torch.randint(1, 8, (int(torch.randint(1, 4, (1,), generator=_g)),), generator=_g).tolist())
-    _codes = torch.randint(0, 16, _shape, generator=_g)
-    _check(_codes, _packing.pack_int4(_codes), f"random codes of shape {_shape}")
+with ask("lab02_calibration", "ex6_pack_tests", "pack",
+         forbid=("qcore.packing.pack", "qcore.packing.unpack", "qcore.packing.pack_int4", "qcore.packing.unpack_int4",
+                 "qcore.packing.pack_int2", "qcore.packing.unpack_int2")) as q:
+    for _i in range(int(q.inputs["n_cases"])):
+        _codes = torch.from_numpy(q.inputs[f"codes{_i}"])
+        for _dtype in ("uint8", "int64"):
+            q.answer(f"packed{_i}/{_dtype}", pack_4bit(_codes.to(getattr(torch, _dtype))))
+        q.answer(f"unpacked{_i}", unpack_4bit(torch.from_numpy(q.inputs[f"bytes{_i}"]),
+                                               tuple(q.inputs[f"shape{_i}"].tolist())))
 ### END HIDDEN TESTS
 
 # %% [markdown]

@@ -134,7 +134,43 @@ def test_docs_table_lists_every_case():
     solution = load_master(find_masters(build_mod.COURSE)[LAB])
     import tempfile
 
+    model_solution = load_master(find_masters(build_mod.COURSE)[cases.MODEL_LAB])
     with tempfile.TemporaryDirectory() as tmp:
         names = cases.build(Path(tmp), Path(tmp), solution, build_mod.REPO)
+        names.update(cases.build_model_lab(Path(tmp) / "model", Path(tmp), model_solution, build_mod.REPO))
     for name in names:
         assert f"`{name}`" in text, name
+
+
+@pytest.fixture(scope="module")
+def graded_model_lab(tmp_path_factory):
+    """Lab 2's cases (it calibrates on a model's activations) in one class with two honest students."""
+    tmp = tmp_path_factory.mktemp("hostile-model-lab")
+    course = scratch_course(tmp / "course")
+    lab = cases.MODEL_LAB
+    solution = load_master(find_masters(course)[lab])
+    subs = tmp / "subs"
+    expected = cases.build_model_lab(subs, course, solution, build_mod.REPO)
+    nbformat.write(solution, subs / "dora.ipynb")
+    shutil.copy(build_mod.REPO / "labs" / f"{lab}.ipynb", subs / "ed.ipynb")
+    outcomes = {o.student: o for o in autograde(collect(subs, lab), lab, jobs=2, course_root=course, log=print)}
+    return course, expected, outcomes
+
+
+def test_model_lab_hostile_cases_earn_what_their_honest_parts_earn(graded_model_lab):
+    course, expected, outcomes = graded_model_lab
+    assert (outcomes["dora"].score, outcomes["ed"].score) == (cases.MODEL_FULL, 0.0)
+    problems = []
+    for name, want in expected.items():
+        got = outcomes[name]
+        if got.status != want.status or got.score != want.score:
+            problems.append(f"{name}: {got.status} {got.score} != {want.score} ({got.message}) {got.exercises}")
+        if want.report not in got.message:
+            problems.append(f"{name}: report lacks {want.report!r}: {got.message!r}")
+        problems += [f"{name}: {ex} should score 0" for ex in want.zero if got.exercises.get(ex)]
+        printed = "".join(o.get("text", "") for c in nbformat.read(
+            course / "autograded" / name / cases.MODEL_LAB / f"{cases.MODEL_LAB}.ipynb", as_version=4).cells
+            for o in c.get("outputs", []))
+        if "BREACH" in printed:
+            problems.append(f"{name}: read what the box hides")
+    assert not problems, "\n".join(problems)

@@ -229,3 +229,58 @@ def build(dest: Path, course_root: Path, solution: nbformat.NotebookNode, repo: 
             nbformat.write(nb, path)
         out[name] = expect
     return out
+
+
+# ----------------------------------------------------------------------------- a lab that loads a model
+MODEL_LAB = "lab02_calibration"
+MODEL_FULL = 13.0
+
+
+def build_model_lab(dest: Path, course_root: Path, solution: nbformat.NotebookNode, repo: Path) -> dict[str, Expect]:
+    """Cases of the same classes on lab 2 (13 points), which calibrates on the sentiment model's
+    activations: the judge holds there too, with a model in the kernel."""
+    dest.mkdir(parents=True, exist_ok=True)
+    untouched = nbformat.read(repo / "labs" / f"{MODEL_LAB}.ipynb", as_version=4)
+    cases: dict[str, tuple[nbformat.NotebookNode, Expect]] = {}
+
+    def case(name, expect, base, edit):
+        nb = nbformat.from_dict(base)
+        edit(nb)
+        cases[name] = (nb, expect)
+
+    case("lab2_silenced_failures", Expect(0.0, report="not run", what="untouched, plus IPython told to swallow every exception"),
+         untouched, lambda nb: _insert_after(nb, "setup", _free(
+             "get_ipython().set_custom_exc((BaseException,), lambda *a, **k: None)\n")))
+    case("lab2_runs_the_solution", Expect(0.0, what="untouched, plus the instructor's solution notebook read and imported"),
+         untouched, lambda nb: _insert_after(nb, "setup", _free(
+             "import json\ntry:\n"
+             f"    cells = json.load(open({str(repo / 'solutions' / f'{MODEL_LAB}.ipynb')!r}))['cells']\n    print('BREACH')\n"
+             "    open('leaked.py', 'w').write('\\n'.join(''.join(c['source']) for c in cells if c['cell_type'] == 'code'))\n"
+             "    from leaked import *\nexcept Exception:\n    pass\n")))
+
+    def bound_early(nb):
+        _set(nb, "ex2_quantize", "def quantize_affine(x, scale, zero_point, qmin, qmax, _q=torch.quantize_per_tensor):\n"
+             "    return _q(x, float(scale), int(zero_point), torch.quint8).int_repr().to(torch.int32).clamp(qmin, qmax)\n"
+             "def dequantize_affine(q, scale, zero_point):\n    return ((q.to(torch.float32) - zero_point) * scale).to(torch.float32)\n")
+        _set(nb, "ex6_pack", "def _make():\n    from qcore.packing import pack_int4, unpack_int4\n"
+             "    return (lambda codes: pack_int4(codes.to(torch.int64))), (lambda packed, shape: unpack_int4(packed, shape))\n"
+             "pack_4bit, unpack_4bit = _make()\n")
+    case("lab2_delegation_bound_early", Expect(MODEL_FULL - 4, report="forbidden", zero=("ex2_quantize_tests", "ex6_pack_tests"),
+                                               what="torch's quantizer kept in a default argument, qcore's packing in a closure"),
+         solution, bound_early)
+    case("lab2_lying_tensor", Expect(MODEL_FULL - 2, report="not run", zero=("ex6_pack_tests",),
+                                     what="exercise 6 returns a tensor subclass that answers equal to every comparison"),
+         solution, lambda nb: _set(nb, "ex6_pack",
+                                   "import math\nclass Yes(torch.Tensor):\n    @classmethod\n"
+                                   "    def __torch_function__(cls, func, types, args=(), kwargs=None):\n"
+                                   "        return True if func is torch.equal else super().__torch_function__(func, types, args, kwargs or {})\n"
+                                   "def pack_4bit(codes):\n    return torch.zeros((codes.numel() + 1) // 2, dtype=torch.uint8).as_subclass(Yes)\n"
+                                   "def unpack_4bit(packed, shape):\n    return torch.zeros(shape, dtype=torch.uint8).as_subclass(Yes)\n"))
+    case("lab2_replaced_modules", Expect(MODEL_FULL, report="not run", what="`sys.modules` entry of the asking code replaced"),
+         solution, lambda nb: _insert_after(nb, "setup", _free(
+             "import sys, types\nsys.modules['qcore.asking'] = types.ModuleType('qcore.asking')\n")))
+    out = {}
+    for name, (nb, expect) in cases.items():
+        nbformat.write(nb, dest / f"{name}.ipynb")
+        out[name] = expect
+    return out
