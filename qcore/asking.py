@@ -211,9 +211,19 @@ def blocked_by_object(dotted: str) -> bool:
     return bool(_python_functions(obj)) or _torch_refusable(obj)
 
 
+def _installed(dotted: str) -> bool:
+    """Whether the top-level package of ``dotted`` can be imported here (what is not installed
+    cannot be called either: a list may name optional libraries such as scipy or pandas)."""
+    import importlib.util
+
+    return importlib.util.find_spec(dotted.split(".")[0]) is not None
+
+
 @contextlib.contextmanager
 def blocked(names: tuple[str, ...]):
-    """Inside the block, every function in ``names`` raises ``Forbidden`` however it is reached."""
+    """Inside the block, every function in ``names`` raises ``Forbidden`` however it is reached
+    (names of libraries that are not installed are left out)."""
+    names = tuple(d for d in names if _installed(d))
     swapped, refused = [], {}
     for dotted in names:
         obj = _resolve(dotted)

@@ -384,7 +384,8 @@ with exercise("Exercise 3: measuring the error"):
 from qcore.asking import ask
 
 with ask("lab02_calibration", "ex3_error_tests", "errors",
-         forbid=("qcore.quant.mse", "qcore.quant.sqnr_db", "torch.nn.functional.mse_loss")) as q:
+         forbid=("qcore.quant.mse", "qcore.quant.sqnr_db", "torch.nn.functional.mse_loss",
+                 "sklearn.metrics.mean_squared_error")) as q:
     _pairs = [(torch.from_numpy(q.inputs[f"x{_i}"]), torch.from_numpy(q.inputs[f"xhat{_i}"]))
               for _i in range(int(q.inputs["n_cases"]))]
     q.answer("mse", np.array([float(quant_mse(_a.clone(), _b.clone())) for _a, _b in _pairs]))
@@ -804,7 +805,9 @@ try:
              forbid=("qcore.calibrate.PercentileObserver._range", "qcore.clipping.MSEObserver._range",
                      "qcore.clipping.MSEObserver.estimate_mse", "qcore.calibrate._Histogram.quantile",
                      "torch.quantile", "torch.Tensor.quantile", "torch.nanquantile", "torch.Tensor.nanquantile",
-                     "numpy.percentile", "numpy.quantile", "numpy.nanpercentile", "numpy.nanquantile")) as q:
+                     "numpy.percentile", "numpy.quantile", "numpy.nanpercentile", "numpy.nanquantile",
+                     "scipy.stats.scoreatpercentile", "scipy.stats.mstats.mquantiles", "statistics.quantiles",
+                     "pandas.Series.quantile", "pandas.DataFrame.quantile")) as q:
         for _i in range(int(q.inputs["n_data"])):
             _x = torch.from_numpy(q.inputs[f"x{_i}"])
             q.answer(f"pct{_i}", np.array([float(percentile_threshold(_x.clone(), _p))

@@ -137,3 +137,18 @@ def test_skip_tampering_replaces_only_the_cells_that_tamper():
     assert len(notes) == 1 and "cell 3 not run (sys.modules (line 2))" in notes[0]
     assert nb.cells[2].source.startswith("raise RuntimeError(") and "sys.modules" in nb.cells[2].source
     assert [c.source for i, c in enumerate(nb.cells) if i != 2] == [s for i, s in enumerate(before) if i != 2]
+
+
+@pytest.mark.parametrize("lab", JUDGED)
+def test_every_forbidden_name_resolves(lab):
+    """A misspelt name would block nothing; one of a library that is not installed is left out
+    (it cannot be called either)."""
+    from qcore.asking import _installed, _resolve
+
+    source = load_master(find_masters(COURSE)[lab])
+    for cell in source.cells:
+        if "with ask(" in cell.source:
+            for dotted in judge.forbidden_in(cell.source.partition("### BEGIN HIDDEN TESTS")[2].partition(
+                    "### END HIDDEN TESTS")[0]):
+                if _installed(dotted):
+                    assert _resolve(dotted) is not None, dotted

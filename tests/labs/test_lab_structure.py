@@ -15,7 +15,8 @@ import pytest
 
 from harness import (REGION, REPO, Kernel, cell_of, discover_labs, grade_id, hidden_part, patched, region_owners, role,
                      run_tests)
-from qcourse.judge import hidden_tests
+from qcourse.codecheck import check_cells
+from qcourse.judge import early_bound_names, hidden_tests
 from qcore.checks import CheckFailed
 
 LABS = discover_labs()
@@ -140,8 +141,12 @@ def test_unpatched_templates_pass(spec, ex, lab):
 
 @pytest.mark.parametrize("spec,ex,name", CASES, ids=[f"{s.short}-{e.id}-{n}" for s, e, n in CASES])
 def test_mutant_is_rejected(spec, ex, name, lab):
-    """Rejected: the cell raises (a visible check, a forbidden call), or the judge fails its answers."""
+    """Rejected: the grader does not run it (``qcourse.codecheck``, judged labs), the cell raises (a
+    visible check, a forbidden call), or the judge fails its answers."""
     source = cell_of(lab.master_nb, ex.tests_id).source
+    if ex.tests_id in hidden_tests(spec.name, REPO / "course") and check_cells(
+            [(0, ex.mutant(name))], early_bound_names(lab.master_nb)):
+        return
     for part in (source, hidden_part(source)):  # the whole cell, then its hidden tests alone
         # One namespace per run, as in a kernel: the mutant's globals are the ones forbid() patches.
         kernel = Kernel(lab.solved.ns)

@@ -110,3 +110,9 @@ def test_ask_records_answers_and_only_a_finished_block_counts():
     assert "t1" not in ANSWERS  # no half answers from an earlier or a failed run
     with pytest.raises(ValueError, match="no inputs"), ask("lab", "t2"):
         pass
+
+
+def test_names_of_libraries_that_are_not_installed_are_left_out():
+    with blocked(("no_such_library_here.quantile", "qcore.formats.decompose")):
+        with pytest.raises(Forbidden):
+            qf.decompose(torch.ones(1), qf.FP32)
