@@ -7,7 +7,8 @@ because the process is the student's:
 
 - **tampering**: code that reaches the machinery, a module's namespace or the interpreter:
   ``getattr`` with a computed name, ``__import__``/``importlib``, ``eval``/``exec``, ``sys.modules``,
-  frames and tracing, ``gc``, ``ctypes``, IPython's hooks, an attribute of a module assigned,
+  frames and tracing, ``gc``, ``ctypes``, IPython's hooks and magics (but ``%matplotlib``, ``%time``
+  and ``%timeit``, whose code is checked), an attribute of a module assigned,
   dunder attributes such as ``__code__``, torch function modes switched off, threads and other
   processes (where no block holds);
 - **early binding of a C function**: a forbidden C function (``math.frexp``, ``numpy.finfo``) used
@@ -54,6 +55,10 @@ HARMLESS_DUNDERS = {"__init__", "__name__", "__qualname__", "__module__", "__doc
                     "__enter__", "__exit__", "__post_init__"}
 
 
+# Magics an honest notebook uses; the code that time/timeit run is checked like any other.
+SAFE_MAGICS = {"matplotlib": None, "time": "code", "timeit": "code"}
+
+
 @dataclass(frozen=True)
 class Finding:
     """One construct found in the student's cell ``cell`` (its index in the notebook)."""
@@ -74,6 +79,7 @@ class _Visitor(ast.NodeVisitor):
         self.imported_early = imported_early  # local names a forbidden C function was imported as
         self.modules: set[str] = set()  # names bound to modules (or their members) by imports
         self.called: set[int] = set()   # ids of nodes that are the function of a call
+        self.safe_shell: set[int] = set()  # get_ipython names of a safe magic's call
 
     def flag(self, node, what: str):
         self.found.append((what, getattr(node, "lineno", 0)))
@@ -96,10 +102,33 @@ class _Visitor(ast.NodeVisitor):
             self.modules.add(alias.asname or alias.name)
         self.generic_visit(node)
 
+    def _safe_magic(self, node) -> bool:
+        """``get_ipython().run_line_magic('timeit', code)`` and the like: the shell call is allowed,
+        the code it runs is checked here."""
+        fn = node.func
+        if not (isinstance(fn, ast.Attribute) and fn.attr in ("run_line_magic", "run_cell_magic")
+                and isinstance(fn.value, ast.Call) and getattr(fn.value.func, "id", None) == "get_ipython"
+                and node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value in SAFE_MAGICS):
+            return False
+        self.safe_shell.add(id(fn.value.func))
+        if SAFE_MAGICS[node.args[0].value] == "code":
+            for arg in node.args[1:]:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.strip():
+                    try:
+                        inner = ast.parse(_python(arg.value))
+                    except SyntaxError:
+                        continue
+                    for sub in ast.walk(inner):
+                        if isinstance(sub, ast.Call):
+                            self.called.add(id(sub.func))
+                    self.visit(inner)
+        return True
+
     def visit_Call(self, node):
         self.called.add(id(node.func))
         fn = node.func
-        if isinstance(fn, ast.Name) and fn.id in DYNAMIC_CALLS:
+        self._safe_magic(node)
+        if isinstance(fn, ast.Name) and fn.id in DYNAMIC_CALLS and not (fn.id == "get_ipython" and id(fn) in self.safe_shell):
             self.flag(node, f"{fn.id}()")
         if isinstance(fn, ast.Name) and fn.id == "getattr":
             name = node.args[1] if len(node.args) >= 2 else None

@@ -89,6 +89,8 @@ HOSTILE_SNIPPETS = {
     "globals": "globals()['x'] = 1",
     "IPython hook": "get_ipython().events.register('pre_run_cell', print)",
     "magic": "%run other.py",
+    "shell": "!python -c 'import qcore'",
+    "timed tampering": "%%time\nimport sys\nsys.modules.clear()",
     "kernel internals": "from ipykernel import kernelbase",
     "torch function off": "import torch\nwith torch._C.DisableTorchFunction():\n    pass",
     "thread": "import threading\nthreading.Thread(target=print).start()",
@@ -110,6 +112,8 @@ def test_honest_names_are_not_taken_for_forbidden_functions():
     """A parameter that shares a forbidden function's name, and direct calls, are fine."""
     honest = "import numpy as np\ndef t(x, percentile):\n    return np.percentile(x, percentile)\nprint('percentile')"
     assert check_cells([(0, honest)], {"percentile"}) == []
+    magics = ["%matplotlib inline", "%timeit t(x, 50)", "%%time\ny = t(x, 50)\n", "z = %time t(x, 1)"]
+    assert check_cells(list(enumerate(magics)), {"percentile"}) == []
 
 
 @pytest.mark.parametrize("lab", JUDGED)
