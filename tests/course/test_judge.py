@@ -100,20 +100,23 @@ HOSTILE_SNIPPETS = {
     "C function held early": "import numpy as np\ndef f(x, _g=np.frexp):\n    return _g(x)",
     "C function fetched by name": "import numpy as np\nf = getattr(np, 'frexp')",
     "C function imported, then held": "from numpy import frexp as fx\nkeep = [fx]",
+    "C function through another module": "import numpy.core.umath as um\ny = um.frexp(1.0)",
+    "C function imported in a function": "def f(x):\n    from numpy.core.umath import frexp\n    return frexp(x)",
+    "attrgetter": "from operator import attrgetter\nf = attrgetter('fre' + 'xp')",
 }
 
 
 @pytest.mark.parametrize("what", list(HOSTILE_SNIPPETS))
 def test_tampering_constructs_are_found(what):
-    assert check_cells([(0, HOSTILE_SNIPPETS[what])], {"frexp"}), what
+    assert check_cells([(0, HOSTILE_SNIPPETS[what])], {"numpy.frexp"}), what
 
 
 def test_honest_names_are_not_taken_for_forbidden_functions():
     """A parameter that shares a forbidden function's name, and direct calls, are fine."""
-    honest = "import numpy as np\ndef t(x, percentile):\n    return np.percentile(x, percentile)\nprint('percentile')"
-    assert check_cells([(0, honest)], {"percentile"}) == []
+    honest = "import numpy as np\ndef t(x, percentile):\n    return np.percentile(x, percentile) + x.quantile(0.5)\nprint('percentile')"
+    assert check_cells([(0, honest)], {"numpy.percentile", "numpy.quantile"}) == []
     magics = ["%matplotlib inline", "%timeit t(x, 50)", "%%time\ny = t(x, 50)\n", "z = %time t(x, 1)"]
-    assert check_cells(list(enumerate(magics)), {"percentile"}) == []
+    assert check_cells(list(enumerate(magics)), {"numpy.percentile"}) == []
 
 
 @pytest.mark.parametrize("lab", JUDGED)
@@ -128,7 +131,15 @@ def test_honest_lab_code_is_left_alone(lab):
     release = nbformat.read(REPO / "labs" / f"{lab}.ipynb", as_version=4)
     cells = [c for nb in (source, release) for c in nb.cells if c.cell_type == "code"
              and not c.metadata.get("nbgrader", {}).get("locked")]
-    assert check_cells([(i, c.source) for i, c in enumerate(cells)], early_bound_names(source)) == []
+    given = [c.source for c in source.cells if c.cell_type == "code"]
+    assert check_cells([(i, c.source) for i, c in enumerate(cells)], early_bound_names(source), given) == []
+
+
+def test_the_labs_own_imports_count():
+    """``np`` comes from the lab's set-up cell, not the student's: a default argument still holds numpy.percentile."""
+    cell = "def t(x, p, _f=np.percentile):\n    return _f(x, p)"
+    assert check_cells([(0, cell)], {"numpy.percentile"}, ["import numpy as np"])
+    assert not check_cells([(0, cell)], {"numpy.percentile"})  # without the context, np is unknown
 
 
 def test_skip_tampering_replaces_only_the_cells_that_tamper():

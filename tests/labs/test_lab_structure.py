@@ -144,8 +144,9 @@ def test_mutant_is_rejected(spec, ex, name, lab):
     """Rejected: the grader does not run it (``qcourse.codecheck``, judged labs), the cell raises (a
     visible check, a forbidden call), or the judge fails its answers."""
     source = cell_of(lab.master_nb, ex.tests_id).source
+    given = [c.source for c in lab.master_nb.cells if c.cell_type == "code"]
     if ex.tests_id in hidden_tests(spec.name, REPO / "course") and check_cells(
-            [(0, ex.mutant(name))], early_bound_names(lab.master_nb)):
+            [(0, ex.mutant(name))], early_bound_names(lab.master_nb), given):
         return
     for part in (source, hidden_part(source)):  # the whole cell, then its hidden tests alone
         # One namespace per run, as in a kernel: the mutant's globals are the ones forbid() patches.
