@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import importlib
 import io
 import sys
 import types
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from qcore.checks import Forbidden, forbid as forbid_names, reference
+from qcore.checks import Forbidden, _resolve as _module_and_attr, forbid as forbid_names, reference
 
 MIME = "application/vnd.qcourse.answers+json"  # the output that carries a cell's answers
 ANSWERS: dict[str, dict[str, np.ndarray]] = {}  # the last answers of each grade id in this process
@@ -128,16 +127,8 @@ def _python_functions(obj) -> list[types.FunctionType]:
 
 
 def _resolve(dotted: str):
-    module_name, _, attr = dotted.rpartition(".")
-    while True:
-        try:
-            owner = importlib.import_module(module_name)
-            break
-        except ModuleNotFoundError:
-            module_name, _, outer = module_name.rpartition(".")
-            if not module_name:
-                raise
-            attr = f"{outer}.{attr}"
+    """The object a dotted name stands for (``torch.Tensor.bfloat16``)."""
+    owner, attr = _module_and_attr(dotted)
     for part in attr.split("."):
         owner = getattr(owner, part)
     return owner

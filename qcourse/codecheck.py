@@ -122,12 +122,8 @@ class _Visitor(ast.NodeVisitor):
             for arg in node.args[1:]:
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.strip():
                     inner = _parse(arg.value)
-                    if inner is None:
-                        continue
-                    for sub in ast.walk(inner):
-                        if isinstance(sub, ast.Call):
-                            self.called.add(id(sub.func))
-                    self.visit(inner)
+                    if inner is not None:
+                        self.visit(inner)
         return True
 
     def visit_Call(self, node):
@@ -270,10 +266,7 @@ def check_cells(cells: list[tuple[int, str]], c_functions: set[str], context: li
     aliases = _aliases([*given, *(tree for _, tree in trees)])
     for index, tree in trees:
         visitor = _Visitor(c_functions, aliases)
-        for node in ast.walk(tree):  # the calls first, so that a called name is known as called
-            if isinstance(node, ast.Call):
-                visitor.called.add(id(node.func))
-        visitor.visit(tree)
+        visitor.visit(tree)  # a call is visited before its function: the function is known as called
         for what, line in dict.fromkeys(visitor.found):
             found.append(Finding(index, f"{what} (line {line})"))
     return found

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 import runpy
 import secrets
 from collections.abc import Callable
@@ -200,6 +199,14 @@ class Judgement:
     lied: bool = False   # the kernel showed the visible checks passing; the judge failed the same answers
 
 
+def judge_answers(test: HiddenTest, inputs: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> list[tuple[str, str]]:
+    """The failures of ``answers`` to ``test`` on ``inputs`` (expected values computed here, with qcore)."""
+    verdict = Verdict(answers)
+    expected = {k: np.asarray(v) for k, v in test.expected(dict(inputs)).items()}
+    test.judge(verdict, inputs, expected, answers)
+    return verdict.failures
+
+
 def judge_cell(test: HiddenTest, inputs: dict[str, np.ndarray], cell) -> Judgement:
     """Judge one autograded test cell on the inputs it was given."""
     answers = answers_in(cell)
@@ -207,19 +214,13 @@ def judge_cell(test: HiddenTest, inputs: dict[str, np.ndarray], cell) -> Judgeme
     if answers is None:
         why = f"{errors[0].get('ename', 'an error')} before the answers" if errors else "no answers"
         return Judgement(False, f"the hidden test got {why}")
-    verdict = Verdict(answers)
-    expected = {k: np.asarray(v) for k, v in test.expected(dict(inputs)).items()}
-    test.judge(verdict, inputs, expected, answers)
-    if not verdict.failures:
+    failures = judge_answers(test, inputs, answers)
+    if not failures:
         return Judgement(True)
-    key, what = verdict.failures[0]
-    lied = not errors and any(k.startswith("visible") for k, _ in verdict.failures)
+    key, what = failures[0]
+    lied = not errors and any(k.startswith("visible") for k, _ in failures)
     return Judgement(False, f"{what} ({key})", lied)
 
-
-def finite_close(a: float, b: float, rel: float) -> bool:
-    """``math.isclose`` that also takes equal infinities and NaN with NaN."""
-    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
 
 
 # ----------------------------------------------------------------------------- a notebook

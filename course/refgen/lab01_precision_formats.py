@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcourse.judge import HiddenTest, Verdict, finite_close
+from qcourse.judge import HiddenTest, Verdict
 from qcourse.refdata import generator_main, randn, write_references
 from qcore.formats import BF16, FP16, FP32, FloatFormat, compose, decompose, memory_bytes, round_to_format
 

@@ -39,7 +39,7 @@ from nbgrader.preprocessors import ClearHiddenTests, ClearSolutions  # noqa: E40
 import qcore.asking  # noqa: E402
 import qcore.zoo  # noqa: E402
 from qcore.checks import reference  # noqa: E402
-from qcourse.judge import Verdict, hidden_tests  # noqa: E402
+from qcourse.judge import hidden_tests, judge_answers  # noqa: E402
 from qcourse.master import load_master  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -125,10 +125,7 @@ def run_tests(kernel: Kernel, lab: str, tests_id: str, source: str) -> list[tupl
     answers = qcore.asking.ANSWERS.get(tests_id)
     if answers is None:
         return [("", "the ask recorded no answers")]
-    inputs = reference(lab, test.file)
-    verdict = Verdict(answers)
-    test.judge(verdict, inputs, test.expected(inputs), answers)
-    return verdict.failures
+    return judge_answers(test, reference(lab, test.file), answers)
 
 
 # ----------------------------------------------------------------------------- specs
