@@ -220,39 +220,27 @@ with exercise("Exercise 1: weight-only quantization"):
     check_equal(tuple(weight_only_linear(torch.ones(2, 5, 4), codes, scale, b).shape), (2, 5, 3),
                 "x [batch, tokens, in] -> [batch, tokens, out]")
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("qcore.quant.choose_qparams", "qcore.quant.quantize", "qcore.quant.dequantize",
-              "qcore.quant.fake_quantize", "qcore.quant.qparams_from_range", "qcore.layers.quantize_weight",
-              "qcore.layers.QuantLinear.forward", "torch.fake_quantize_per_channel_affine",
-              "torch.fake_quantize_per_tensor_affine")
-_ref = reference("lab03_ptq_distilbert", "weight_only")
-for _i in range(int(_ref["n_cases"])):
-    _w, _x = torch.from_numpy(_ref[f"w{_i}"]), torch.from_numpy(_ref[f"x{_i}"])
-    _bits, _group = int(_ref[f"bits{_i}"]), int(_ref[f"group{_i}"]) or None
-    _b = torch.from_numpy(_ref[f"bias{_i}"]) if bool(_ref[f"has_bias{_i}"]) else None
-    _want_c, _want_s = torch.from_numpy(_ref[f"codes{_i}"]), torch.from_numpy(_ref[f"scale{_i}"])
-    with forbid(*_forbidden):
-        _c, _s = quantize_weight(_w.clone(), _bits, _group)
-    _c, _s = torch.as_tensor(_c), torch.as_tensor(_s)
-    _what = f"case {_i} ({_bits} bits, group {_group})"
-    assert _c.dtype == torch.int8 and tuple(_c.shape) == tuple(_w.shape), f"{_what}: codes must be int8 [out, in]"
-    assert tuple(_s.shape) == tuple(_want_s.shape), f"{_what}: scale shape {tuple(_s.shape)}"
-    assert torch.allclose(_s.double(), _want_s.double(), rtol=2e-6, atol=0.0), f"{_what}: scales differ"
-    assert torch.equal(_c, _want_c), f"{_what}: codes differ"
-    with forbid(*_forbidden):
-        _y = weight_only_linear(_x.clone(), _want_c.clone(), _want_s.clone(), None if _b is None else _b.clone())
-        _y3 = weight_only_linear(_x.reshape(3, 1, -1), _want_c, _want_s, _b)
-    _want_y = torch.from_numpy(_ref[f"y{_i}"])
-    _tol = 1e-5 * (1 + _want_y.abs().max().item())
-    assert torch.allclose(torch.as_tensor(_y).double(), _want_y.double(), rtol=1e-5, atol=_tol), \
-        f"{_what}: outputs differ"
-    assert tuple(torch.as_tensor(_y3).shape) == (3, 1, _want_y.shape[1]), f"{_what}: 3-D input"
-    assert torch.allclose(torch.as_tensor(_y3).reshape(_want_y.shape).double(), _want_y.double(), rtol=1e-5, atol=_tol)
-# The input tensor is not modified in place.
-_w = torch.from_numpy(_ref["w0"]).clone()
-quantize_weight(_w, 8)
-assert torch.equal(_w, torch.from_numpy(_ref["w0"])), "quantize_weight changed its input"
+with ask("lab03_ptq_distilbert", "ex1_weight_only_tests", "weight_only",
+         forbid=("qcore.quant.choose_qparams", "qcore.quant.quantize", "qcore.quant.dequantize",
+                 "qcore.quant.fake_quantize", "qcore.quant.qparams_from_range", "qcore.layers.quantize_weight",
+                 "qcore.layers.QuantLinear.forward", "torch.fake_quantize_per_channel_affine",
+                 "torch.fake_quantize_per_tensor_affine")) as q:
+    for _i in range(int(q.inputs["n_cases"])):
+        _w, _x = torch.from_numpy(q.inputs[f"w{_i}"]), torch.from_numpy(q.inputs[f"x{_i}"])
+        _b = torch.from_numpy(q.inputs[f"bias{_i}"]) if bool(q.inputs[f"has_bias{_i}"]) else None
+        _c, _s = quantize_weight(_w.clone(), int(q.inputs[f"bits{_i}"]), int(q.inputs[f"group{_i}"]) or None)
+        q.answer(f"codes{_i}", torch.as_tensor(_c))
+        q.answer(f"scale{_i}", torch.as_tensor(_s))
+        _lc, _ls = torch.from_numpy(q.inputs[f"lin_codes{_i}"]), torch.from_numpy(q.inputs[f"lin_scale{_i}"])
+        q.answer(f"y{_i}", torch.as_tensor(weight_only_linear(_x.clone(), _lc.clone(), _ls.clone(),
+                                                              None if _b is None else _b.clone())))
+        q.answer(f"y3d{_i}", torch.as_tensor(weight_only_linear(_x.reshape(3, 1, -1).clone(), _lc.clone(), _ls.clone(),
+                                                                None if _b is None else _b.clone())))
+    _w = torch.from_numpy(q.inputs["w0"]).clone()
+    quantize_weight(_w, 8)
+    q.answer("w_after", _w)  # the input tensor is not modified in place
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -382,35 +370,24 @@ with exercise("Exercise 2: dynamic W8A8"):
     got = int8_linear(qx_r, sx_r, _quantize_codes(wr, qw_r), qw_r.scale, br)
     check_close(got, want, "equals the fake-quantized float computation", rtol=1e-5, atol=1e-5)
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("qcore.quant.choose_qparams", "qcore.quant.quantize", "qcore.quant.fake_quantize",
-              "qcore.quant.qparams_from_range", "qcore.int8.quantize_per_token", "qcore.int8.int8_linear",
-              "qcore.int8.int8_matmul", "qcore.layers.Int8Linear.forward", "torch.quantize_per_tensor_dynamic",
-              "torch.fake_quantize_per_channel_affine")
-_ref = reference("lab03_ptq_distilbert", "dynamic")
-_x = torch.from_numpy(_ref["tok_x"])
-with forbid(*_forbidden):
-    _q, _s = quantize_per_token(_x.clone())
-_q, _s = torch.as_tensor(_q), torch.as_tensor(_s)
-assert _q.dtype == torch.int8 and tuple(_q.shape) == tuple(_x.shape), "per-token codes: int8 [T, in]"
-assert tuple(_s.shape) == (_x.shape[0], 1), f"per-token scales: shape {tuple(_s.shape)}, expected [T, 1]"
-assert torch.allclose(_s.double(), torch.from_numpy(_ref["tok_scale"]).double(), rtol=2e-6, atol=0.0), "scales differ"
-assert torch.equal(_q, torch.from_numpy(_ref["tok_codes"])), "per-token codes differ"
-for _i in range(int(_ref["n_cases"])):
-    _args = [torch.from_numpy(_ref[f"{_k}{_i}"]) for _k in ("qx", "sx", "qw", "sw")]
-    _b = torch.from_numpy(_ref[f"bias{_i}"]) if bool(_ref[f"has_bias{_i}"]) else None
-    with forbid(*_forbidden):
-        _y = torch.as_tensor(int8_linear(*[_a.clone() for _a in _args], _b))
-    _want = torch.from_numpy(_ref[f"y{_i}"])
-    assert tuple(_y.shape) == tuple(_want.shape), f"case {_i}: shape {tuple(_y.shape)}"
-    assert torch.allclose(_y.double(), _want.double(), rtol=1e-6, atol=1e-6 * _want.abs().max().item()), \
-        f"case {_i}: int8_linear differs from the exact integer computation"
-# Tokens are independent: the same token alone or next to a hundred times larger one, same codes.
-_t = torch.randn(1, 16, generator=torch.Generator().manual_seed(1))
-_a, _ = quantize_per_token(torch.cat([_t, 100 * _t.roll(1, 1)]))
-_b1, _ = quantize_per_token(_t)
-assert torch.equal(torch.as_tensor(_a)[:1], torch.as_tensor(_b1)), "a token's codes depend on another token"
+with ask("lab03_ptq_distilbert", "ex2_dynamic_w8a8_tests", "dynamic",
+         forbid=("qcore.quant.choose_qparams", "qcore.quant.quantize", "qcore.quant.fake_quantize",
+                 "qcore.quant.qparams_from_range", "qcore.int8.quantize_per_token", "qcore.int8.int8_linear",
+                 "qcore.int8.int8_matmul", "qcore.layers.Int8Linear.forward", "torch.quantize_per_tensor_dynamic",
+                 "torch.fake_quantize_per_channel_affine")) as q:
+    _q, _s = quantize_per_token(torch.from_numpy(q.inputs["tok_x"]).clone())
+    q.answer("tok_codes", torch.as_tensor(_q))
+    q.answer("tok_scale", torch.as_tensor(_s))
+    for _i in range(int(q.inputs["n_cases"])):
+        _args = [torch.from_numpy(q.inputs[f"{_k}{_i}"]).clone() for _k in ("qx", "sx", "qw", "sw")]
+        _b = torch.from_numpy(q.inputs[f"bias{_i}"]) if bool(q.inputs[f"has_bias{_i}"]) else None
+        q.answer(f"y{_i}", torch.as_tensor(int8_linear(*_args, _b)))
+    # Tokens are independent: the same token alone or next to a hundred times larger one, same codes.
+    _t = torch.from_numpy(q.inputs["alone"])
+    q.answer("beside_codes", torch.as_tensor(quantize_per_token(torch.cat([_t, 100 * _t.roll(1, 1)]))[0])[:1])
+    q.answer("alone_codes", torch.as_tensor(quantize_per_token(_t.clone())[0]))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -532,58 +509,42 @@ finally:
     int8_linear = yours
 ### BEGIN HIDDEN TESTS
 import qcore.int8 as _int8
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
 _saved_int8_linear = int8_linear
 int8_linear = _int8.int8_linear  # Exercise 2 is graded on its own
-_forbidden = ("qcore.smoothquant.input_absmax", "qcore.layers.Int8Linear.forward", "qcore.quant.quantize",
-              "qcore.int8.quantize_per_token")
 try:
-    _ref = reference("lab03_ptq_distilbert", "static")
-    _net = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 5), nn.LayerNorm(5), nn.Linear(5, 3)).eval()
-    _net.load_state_dict({_k[6:]: torch.from_numpy(_ref[_k]) for _k in _ref if _k.startswith("state.")})
-    _batches = [torch.from_numpy(_ref[f"batch{_j}"]) for _j in range(int(_ref["n_batches"]))]
-    with torch.no_grad():
-        _out_before = _net(_batches[0])
-    _recorded = []
-    _probe = _net[4].register_forward_pre_hook(lambda _m, _a: _recorded.append(_a[0].clone()))
-    with forbid(*_forbidden):
+    with ask("lab03_ptq_distilbert", "ex3_static_w8a8_tests", "static",
+             forbid=("qcore.smoothquant.input_absmax", "qcore.layers.Int8Linear.forward", "qcore.quant.quantize",
+                     "qcore.int8.quantize_per_token")) as q:
+        _net = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 5), nn.LayerNorm(5), nn.Linear(5, 3)).eval()
+        _net.load_state_dict({_k[6:]: torch.from_numpy(q.inputs[_k]) for _k in q.inputs if _k.startswith("state.")})
+        _batches = [torch.from_numpy(q.inputs[f"batch{_j}"]) for _j in range(int(q.inputs["n_batches"]))]
+        _recorded = []
+        _probe = _net[4].register_forward_pre_hook(lambda _m, _a: _recorded.append(_a[0].clone()))
         _stats = record_input_absmax(_net, ["0", "2", "4"], [_b.clone() for _b in _batches])
-    _probe.remove()
-    for _n in ("0", "2", "4"):
-        _want = torch.from_numpy(_ref[f"absmax.{_n}"])
-        _got = torch.as_tensor(_stats[_n])
-        assert tuple(_got.shape) == tuple(_want.shape), f"layer {_n}: shape {tuple(_got.shape)}"
-        assert torch.allclose(_got.double(), _want.double(), rtol=1e-6, atol=1e-7), f"layer {_n}: maxima differ"
-        assert not _net.get_submodule(_n)._forward_pre_hooks and not _net.get_submodule(_n)._forward_hooks, \
-            f"layer {_n}: a hook was left behind"
-    # The hooks must not change what flows through the model.
-    with torch.no_grad():
-        assert torch.allclose(_net[4](_recorded[0]), _net(_batches[0]), atol=1e-6)
-        assert torch.allclose(_net(_batches[0]), _out_before, atol=1e-6), "the model changed"
-    # Keyword batches, and hooks removed even when the model raises.
-    _kw = nn.Module()
-    _kw.fc = nn.Linear(6, 2)
-    _kw.forward = lambda x=None: _kw.fc(x)
-    _s = record_input_absmax(_kw, ["fc"], [{"x": _batches[0]}, {"x": _batches[1]}])
-    _want = torch.maximum(_batches[0].abs().amax((0, 1)), _batches[1].abs().amax((0, 1)))
-    assert torch.allclose(torch.as_tensor(_s["fc"]), _want), "dict batches: model(**batch)"
-    try:
-        record_input_absmax(_net, ["0", "2"], [_batches[0], torch.ones(2, 3)])  # the second batch is malformed
-    except Exception:
-        pass
-    assert not _net[0]._forward_pre_hooks and not _net[2]._forward_pre_hooks, \
-        "hooks must be removed even when the model raises (try/finally)"
-    for _i in range(int(_ref["n_cases"])):
-        _x, _sx = torch.from_numpy(_ref[f"x{_i}"]), torch.tensor(float(_ref[f"sx{_i}"]))
-        _qw, _sw = torch.from_numpy(_ref[f"qw{_i}"]), torch.from_numpy(_ref[f"sw{_i}"])
-        _b = torch.from_numpy(_ref[f"bias{_i}"]) if bool(_ref[f"has_bias{_i}"]) else None
-        with forbid(*_forbidden):
-            _y = torch.as_tensor(static_w8a8_linear(_x.clone(), _sx.clone(), _qw.clone(), _sw.clone(), _b))
-        _want = torch.from_numpy(_ref[f"y{_i}"])
-        assert tuple(_y.shape) == tuple(_want.shape), f"static case {_i}: shape"
-        assert torch.allclose(_y.double(), _want.double(), rtol=1e-6, atol=1e-6 * _want.abs().max().item()), \
-            f"static case {_i}: outputs differ (fixed scale, saturation, bias?)"
+        _probe.remove()
+        for _n in ("0", "2", "4"):
+            q.answer(f"absmax.{_n}", torch.as_tensor(_stats[_n]))
+            _layer = _net.get_submodule(_n)
+            q.answer(f"hooks_left.{_n}", np.array([bool(_layer._forward_pre_hooks), bool(_layer._forward_hooks)]))
+        with torch.no_grad():  # the hooks must not change what flows through the model
+            q.answer("seen_by_4", _net[4](_recorded[0]))
+            q.answer("model_y_after", _net(_batches[0]))
+        _kw = nn.Module()  # keyword batches: model(**batch)
+        _kw.fc = nn.Linear(6, 2)
+        _kw.forward = lambda x=None: _kw.fc(x)
+        q.answer("kw_absmax", torch.as_tensor(record_input_absmax(_kw, ["fc"], [{"x": _batches[0]}, {"x": _batches[1]}])["fc"]))
+        try:  # hooks removed even when the model raises: the second batch is malformed
+            record_input_absmax(_net, ["0", "2"], [_batches[0], torch.ones(2, 3)])
+        except Exception:
+            pass
+        q.answer("hooks_left_after_raise", np.array([bool(_net[0]._forward_pre_hooks), bool(_net[2]._forward_pre_hooks)]))
+        for _i in range(int(q.inputs["n_cases"])):
+            _x, _sx = torch.from_numpy(q.inputs[f"x{_i}"]), torch.tensor(float(q.inputs[f"sx{_i}"]))
+            _qw, _sw = torch.from_numpy(q.inputs[f"qw{_i}"]), torch.from_numpy(q.inputs[f"sw{_i}"])
+            _b = torch.from_numpy(q.inputs[f"bias{_i}"]) if bool(q.inputs[f"has_bias{_i}"]) else None
+            q.answer(f"y{_i}", torch.as_tensor(static_w8a8_linear(_x.clone(), _sx.clone(), _qw.clone(), _sw.clone(), _b)))
 finally:
     int8_linear = _saved_int8_linear
 ### END HIDDEN TESTS
@@ -719,43 +680,33 @@ with exercise("Exercise 4: SmoothQuant"):
         check_close(ln(xs).abs().amax(0), w_max, "alpha = 0.5: activations and weights now share each "
                     "channel's maximum", rtol=1e-5, atol=1e-6)
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("qcore.smoothquant.smoothing_factors", "qcore.smoothquant.fold_smoothing",
-              "qcore.smoothquant.smooth_linear", "qcore.smoothquant.smoothquant_factors")
-_ref = reference("lab03_ptq_distilbert", "smoothquant")
-for _i in range(int(_ref["n_factor_cases"])):
-    _ws = [torch.from_numpy(_ref[f"w{_i}_{_j}"]) for _j in range(int(_ref[f"n_weights{_i}"]))]
-    _act = torch.from_numpy(_ref[f"act{_i}"])
-    with forbid(*_forbidden):
-        _s = torch.as_tensor(smoothing_factors(_act.clone(), [_w.clone() for _w in _ws], float(_ref[f"alpha{_i}"])))
-    _want = torch.from_numpy(_ref[f"s{_i}"])
-    assert tuple(_s.shape) == tuple(_want.shape), f"factors case {_i}: shape {tuple(_s.shape)}"
-    assert torch.allclose(_s.double(), _want.double(), rtol=1e-5, atol=0.0), f"factors case {_i} differ"
-for _i in range(int(_ref["n_fold_cases"])):
-    _x, _s = torch.from_numpy(_ref[f"fold{_i}_x"]), torch.from_numpy(_ref[f"fold{_i}_s"])
-    _ln = nn.LayerNorm(_x.shape[1])
-    _ln.load_state_dict({"weight": torch.from_numpy(_ref[f"fold{_i}_ln_weight"]),
-                         "bias": torch.from_numpy(_ref[f"fold{_i}_ln_bias"])})
-    _lins = []
-    for _j in range(int(_ref[f"fold{_i}_n"])):
-        _w = torch.from_numpy(_ref[f"fold{_i}_w{_j}"])
-        _lin = nn.Linear(_w.shape[1], _w.shape[0])
-        _lin.load_state_dict({"weight": _w, "bias": torch.from_numpy(_ref[f"fold{_i}_b{_j}"])})
-        _lins.append(_lin)
-    with forbid(*_forbidden):
+with ask("lab03_ptq_distilbert", "ex4_smoothquant_tests", "smoothquant",
+         forbid=("qcore.smoothquant.smoothing_factors", "qcore.smoothquant.fold_smoothing",
+                 "qcore.smoothquant.smooth_linear", "qcore.smoothquant.smoothquant_factors")) as q:
+    for _i in range(int(q.inputs["n_factor_cases"])):
+        _ws = [torch.from_numpy(q.inputs[f"w{_i}_{_j}"]).clone() for _j in range(int(q.inputs[f"n_weights{_i}"]))]
+        _act = torch.from_numpy(q.inputs[f"act{_i}"]).clone()
+        q.answer(f"s{_i}", torch.as_tensor(smoothing_factors(_act, _ws, float(q.inputs[f"alpha{_i}"]))))
+    for _i in range(int(q.inputs["n_fold_cases"])):
+        _x, _s = torch.from_numpy(q.inputs[f"fold{_i}_x"]), torch.from_numpy(q.inputs[f"fold{_i}_s"])
+        _ln = nn.LayerNorm(_x.shape[1])
+        _ln.load_state_dict({"weight": torch.from_numpy(q.inputs[f"fold{_i}_ln_weight"]),
+                             "bias": torch.from_numpy(q.inputs[f"fold{_i}_ln_bias"])})
+        _lins = []
+        for _j in range(int(q.inputs[f"fold{_i}_n"])):
+            _w = torch.from_numpy(q.inputs[f"fold{_i}_w{_j}"])
+            _lins.append(nn.Linear(_w.shape[1], _w.shape[0]))
+            _lins[-1].load_state_dict({"weight": _w, "bias": torch.from_numpy(q.inputs[f"fold{_i}_b{_j}"])})
         fold_smoothing(_ln, _lins, _s.clone())
-    assert torch.allclose(_ln.weight.detach(), torch.from_numpy(_ref[f"fold{_i}_ln_weight_after"]), rtol=1e-6)
-    assert torch.allclose(_ln.bias.detach(), torch.from_numpy(_ref[f"fold{_i}_ln_bias_after"]), rtol=1e-6), \
-        f"fold case {_i}: the LayerNorm bias must be divided too"
-    for _j, _lin in enumerate(_lins):
-        assert torch.allclose(_lin.weight.detach(), torch.from_numpy(_ref[f"fold{_i}_w{_j}_after"]), rtol=1e-6), \
-            f"fold case {_i}: linear {_j} weight"
-        assert torch.equal(_lin.bias.detach(), torch.from_numpy(_ref[f"fold{_i}_b{_j}"])), "linear biases stay"
-        with torch.no_grad():
-            _y = _lin(_ln(_x))
-        _want = torch.from_numpy(_ref[f"fold{_i}_y{_j}"])
-        assert torch.allclose(_y, _want, rtol=1e-5, atol=1e-5), f"fold case {_i}: the function changed"
+        q.answer(f"fold{_i}_ln_weight_after", _ln.weight)
+        q.answer(f"fold{_i}_ln_bias_after", _ln.bias)
+        for _j, _lin in enumerate(_lins):
+            q.answer(f"fold{_i}_w{_j}_after", _lin.weight)
+            q.answer(f"fold{_i}_b{_j}_after", _lin.bias)
+            with torch.no_grad():
+                q.answer(f"fold{_i}_y{_j}", _lin(_ln(_x)))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -914,52 +865,44 @@ with exercise("Exercise 5: sensitivity"):
     check_equal(most_sensitive({"a": 0.1, "b": 0.5, "c": 0.3}, 2), ["b", "c"], "largest first",
                 hint="sorted(..., reverse=True), then the first k")
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("qcore.ptq.layer_sensitivity", "qcore.ptq.most_sensitive")
-_ref = reference("lab03_ptq_distilbert", "sensitivity")
-_net = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4)).eval()
-_net.load_state_dict({_k[6:]: torch.from_numpy(_ref[_k]) for _k in _ref if _k.startswith("state.")})
-_state = {_k: _v.clone() for _k, _v in _net.state_dict().items()}
-_x = torch.from_numpy(_ref["x"])
-with torch.no_grad():
-    _y_ref = _net(_x)
-_names = [str(_n) for _n in _ref["names"]]
-_counts = []
-
-
-def _damage(_m):
-    _counts.append(sum(isinstance(_l, QuantLinear) for _l in _m.modules()))
+with ask("lab03_ptq_distilbert", "ex5_sensitivity_tests", "sensitivity",
+         forbid=("qcore.ptq.layer_sensitivity", "qcore.ptq.most_sensitive")) as q:
+    _net = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 16), nn.Tanh(),
+                         nn.Linear(16, 4)).eval()
+    _net.load_state_dict({_k[6:]: torch.from_numpy(q.inputs[_k]) for _k in q.inputs if _k.startswith("state.")})
+    _x = torch.from_numpy(q.inputs["x"])
     with torch.no_grad():
-        return ((_m(_x) - _y_ref) ** 2).mean().item()
+        _y_ref = _net(_x)
+    _names = [str(_n) for _n in q.inputs["names"]]
+    _counts = []
 
+    def _damage(_m):
+        _counts.append(sum(isinstance(_l, QuantLinear) for _l in _m.modules()))
+        with torch.no_grad():
+            return ((_m(_x) - _y_ref) ** 2).mean().item()
 
-with forbid(*_forbidden):
     _sens = layer_sensitivity(_net, _names, lambda _lin: QuantLinear.from_linear(_lin, 4, 4), _damage)
-assert sorted(_sens) == sorted(_names), "one entry per layer name"
-assert _counts == [1] * len(_names), f"layers quantized while measuring: {_counts}, expected one at a time"
-for _n, _d in zip(_names, _ref["damage"]):
-    assert math.isclose(float(_sens[_n]), float(_d), rel_tol=1e-5), f"layer {_n}: damage differs"
-assert all(type(_net.get_submodule(_n)) is nn.Linear for _n in _names), "the original layers are back"
-assert all(torch.equal(_v, _state[_k]) for _k, _v in _net.state_dict().items()), "the model changed"
+    q.answer("has_name", np.array([_n in _sens for _n in _names]))
+    q.answer("quantized_counts", np.array(_counts, dtype=np.int64))
+    q.answer("damage", np.array([float(_sens.get(_n, math.nan)) for _n in _names]))
+    q.answer("originals_back", np.array([type(_net.get_submodule(_n)) is nn.Linear for _n in _names]))
+    for _k, _v in _net.state_dict().items():
+        q.answer(f"after.state.{_k}", _v)
 
+    def _raising(_m):
+        raise RuntimeError("damage failed")
 
-def _raising(_m):
-    raise RuntimeError("damage failed")
-
-
-try:
-    layer_sensitivity(_net, _names, lambda _lin: QuantLinear.from_linear(_lin, 4, 4), _raising)
-except RuntimeError:
-    pass
-assert all(type(_net.get_submodule(_n)) is nn.Linear for _n in _names), \
-    "put the layer back even when damage() raises (try/finally)"
-_values = {f"n{_i:02d}": float(_v) for _i, _v in enumerate(_ref["rank_values"])}
-for _k in _ref["rank_k"]:
-    _want = [str(_s) for _s in _ref[f"rank_top{int(_k)}"] if str(_s)]
-    with forbid(*_forbidden):
-        _got = list(most_sensitive(dict(_values), int(_k)))
-    assert _got == _want, f"most_sensitive(k={int(_k)})"
+    try:
+        layer_sensitivity(_net, _names, lambda _lin: QuantLinear.from_linear(_lin, 4, 4), _raising)
+    except RuntimeError:
+        pass
+    q.answer("originals_back_after_raise", np.array([type(_net.get_submodule(_n)) is nn.Linear for _n in _names]))
+    _index = {f"n{_i:02d}": _i for _i in range(len(q.inputs["rank_values"]))}
+    for _k in q.inputs["rank_k"].tolist():
+        _got = most_sensitive({_n: float(_v) for _n, _v in zip(_index, q.inputs["rank_values"])}, int(_k))
+        q.answer(f"rank_top{_k}", np.array([_index.get(_n, -1) for _n in _got], dtype=np.int64))
 ### END HIDDEN TESTS
 
 # %% [markdown]

@@ -1,8 +1,10 @@
-"""Reference inputs and outputs for the hidden tests of lab03_ptq_distilbert.
+"""The hidden tests of lab03_ptq_distilbert, judged outside the student's kernel.
 
-Every expected value comes from qcore's reference implementation (``qcore.ptq``,
-``qcore.smoothquant``), never from a student function; no model download is needed (the
-models here are small and built from fixed seeds). A rerun writes the same arrays.
+Each test draws its inputs from a generator (the lab's ``SEED`` for the committed reference
+files, a per-submission seed when grading: ``qcourse.judge``); every expected value comes from
+qcore's reference implementation (``qcore.layers``, ``qcore.int8``, ``qcore.smoothquant``,
+``qcore.ptq``), never from a student function. No model download is needed: the models here
+are small and drawn from the generator too. A rerun writes the same arrays.
 
     python course/refgen/lab03_ptq_distilbert.py course/reference/lab03_ptq_distilbert
 """
@@ -14,11 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from qcourse.judge import HiddenTest, Verdict
 from qcourse.refdata import generator_main, init_linears_, randn, to_numpy as _np, write_references
 from qcore.ptq import layer_sensitivity, most_sensitive
 from qcore.int8 import int8_linear, quantize_per_token
 from qcore.layers import QuantLinear, quantize_weight
-from qcore.quant import dequantize
+from qcore.quant import PerGroup, QParams, dequantize
 from qcore.smoothquant import fold_smoothing, input_absmax, smoothing_factors
 
 LAB = "lab03_ptq_distilbert"
@@ -31,7 +34,8 @@ SEED = 20240503
 CPU_DEPENDENT = {
     "weight_only": {"y*": 512},  # x @ w_hat.T, up to 384 terms
     "dynamic": {"y*": 1024},  # int32 sums (exact) times scales, computed by a float kernel, up to 1,024 terms
-    "static": {"absmax.*": 64, "y*": 256},  # inputs seen behind GELU/LayerNorm; products of up to 128 terms
+    # inputs seen behind GELU/LayerNorm, the model's output; products of up to 128 terms
+    "static": {"absmax.*": 64, "model_y": 64, "y*": 256},
     "smoothquant": {"s*": 8, "fold*_y*": 64},  # pow for the factors; LayerNorm + product of 8 terms
     "sensitivity": {"damage": 256},  # a mean over 128 outputs of a 3-layer model
 }
@@ -46,13 +50,24 @@ def _far_from_ties(w: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Te
     return torch.where(near, w * 0.999, w)
 
 
+def _has_bias(inputs: dict, i: int) -> torch.Tensor | None:
+    return torch.from_numpy(inputs[f"bias{i}"]) if bool(inputs[f"has_bias{i}"]) else None
+
+
+def _t(inputs: dict, key: str) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(inputs[key]))
+
+
 # ----------------------------------------------------------------------------- exercise 1
-def weight_only_refs(gen: torch.Generator) -> dict:
-    """Weights (an all-zero row, an outlier, exact ties), codes, scales and layer outputs."""
-    cases = [(16, 256, 8, 0, True), (8, 256, 4, 128, True), (6, 64, 4, 32, False), (5, 96, 3, 32, True),
-             (7, 128, 8, 64, True), (3, 40, 8, 0, False), (4, 384, 4, 128, True), (2, 8, 2, 4, True)]
-    out = {"n_cases": len(cases)}
-    for i, (n_out, n_in, bits, group, has_bias) in enumerate(cases):
+WEIGHT_ONLY_CASES = [(16, 256, 8, 0, True), (8, 256, 4, 128, True), (6, 64, 4, 32, False), (5, 96, 3, 32, True),
+                     (7, 128, 8, 64, True), (3, 40, 8, 0, False), (4, 384, 4, 128, True), (2, 8, 2, 4, True)]
+
+
+def weight_only_inputs(gen: torch.Generator) -> dict:
+    """Weights to quantize (an all-zero row, an outlier, exact ties; rows 1e-3 .. 1 in size), and, for
+    the layer, codes and scales of their own with inputs [3, in] and biases."""
+    out = {"n_cases": len(WEIGHT_ONLY_CASES)}
+    for i, (n_out, n_in, bits, group, has_bias) in enumerate(WEIGHT_ONLY_CASES):
         w = randn(n_out, n_in, generator=gen) * 10.0 ** torch.randint(-3, 1, (n_out, 1), generator=gen)
         w[0] = 0.0  # an all-zero row: a finite, positive scale
         w[1, 3] = 40 * w[1].abs().max() + 1.0  # an outlier
@@ -63,22 +78,54 @@ def weight_only_refs(gen: torch.Generator) -> dict:
             qmax = 2 ** (bits - 1) - 1
             w[2, :4] = torch.tensor([qmax, 2.5, -2.5, 0.5])
             w[2, 4:(group or n_in)] = w[2, 4:(group or n_in)].clamp(-1.0, 1.0)
-        codes, qp = quantize_weight(w, bits, group or None)
-        scale = qp.scale
-        x = randn(3, n_in, generator=gen)
-        bias = randn(n_out, generator=gen) if has_bias else None
-        y = torch.nn.functional.linear(x, dequantize(codes, qp), bias)
-        out.update({f"w{i}": _np(w), f"bits{i}": bits, f"group{i}": group, f"x{i}": _np(x),
-                    f"bias{i}": _np(bias) if has_bias else np.zeros(0, np.float32), f"has_bias{i}": has_bias,
-                    f"codes{i}": _np(codes), f"scale{i}": _np(scale), f"y{i}": _np(y)})
+        qmax = 2 ** (bits - 1) - 1
+        n_groups = n_in // (group or n_in)
+        codes = torch.randint(-qmax, qmax + 1, (n_out, n_in), generator=gen).to(torch.int8)
+        scale = (torch.rand(n_out, n_groups, generator=gen) * 0.1 + 1e-3) * 10.0 ** torch.randint(
+            -2, 1, (n_out, 1), generator=gen)
+        out.update({f"w{i}": _np(w), f"bits{i}": bits, f"group{i}": group, f"x{i}": _np(randn(3, n_in, generator=gen)),
+                    f"bias{i}": _np(randn(n_out, generator=gen)) if has_bias else np.zeros(0, np.float32),
+                    f"has_bias{i}": has_bias, f"lin_codes{i}": _np(codes), f"lin_scale{i}": _np(scale)})
     return out
 
 
-# ----------------------------------------------------------------------------- exercise 2
-def dynamic_refs(gen: torch.Generator) -> dict:
-    """Per-token quantization (tokens of very different sizes, a zero token, ties) and int8_linear
-    on codes whose int32 sums are far beyond int8 and int16 (and below 2**24: exact in float32)."""
+def weight_only_expected(inputs: dict) -> dict:
     out = {}
+    for i in range(int(inputs["n_cases"])):
+        codes, qp = quantize_weight(_t(inputs, f"w{i}"), int(inputs[f"bits{i}"]), int(inputs[f"group{i}"]) or None)
+        out[f"codes{i}"], out[f"scale{i}"] = _np(codes), _np(qp.scale)
+        lin_codes, lin_scale = _t(inputs, f"lin_codes{i}"), _t(inputs, f"lin_scale{i}")
+        gran = PerGroup(lin_codes.shape[1] // lin_scale.shape[1])
+        w_hat = dequantize(lin_codes, QParams(lin_scale, torch.zeros(lin_scale.shape, dtype=torch.int32),
+                                              int(inputs[f"bits{i}"]), True, gran))
+        out[f"y{i}"] = _np(torch.nn.functional.linear(_t(inputs, f"x{i}"), w_hat, _has_bias(inputs, i)))
+    return out
+
+
+def weight_only_judge(v: Verdict, inputs, expected, answers) -> None:
+    for i in range(int(inputs["n_cases"])):
+        what = f"case {i} ({int(inputs[f'bits{i}'])} bits, group {int(inputs[f'group{i}']) or None})"
+        codes = v.got(f"codes{i}")
+        if codes is not None:
+            v.true(f"codes{i}", codes.dtype == np.int8, f"{what}: codes must be int8 [out, in]")
+        v.equal(f"codes{i}", expected[f"codes{i}"], f"{what}: codes")
+        v.close(f"scale{i}", expected[f"scale{i}"], f"{what}: scales", rtol=2e-6)
+        want = expected[f"y{i}"]
+        atol = 1e-5 * (1 + float(np.abs(want).max()))
+        v.close(f"y{i}", want, f"{what}: layer outputs", rtol=1e-5, atol=atol)
+        v.close(f"y3d{i}", want.reshape(3, 1, -1), f"{what}: layer outputs for x [3, 1, in]", rtol=1e-5, atol=atol)
+    v.equal("w_after", inputs["w0"], "quantize_weight must not change its input")
+
+
+# ----------------------------------------------------------------------------- exercise 2
+DYNAMIC_CASES = [(5, 1024, 3, True, "extreme"), (4, 300, 4, True, "random"), (7, 64, 9, False, "random"),
+                 (3, 1000, 3, True, "extreme"), (1, 17, 2, True, "random"), (6, 512, 6, True, "per-tensor")]
+
+
+def dynamic_inputs(gen: torch.Generator) -> dict:
+    """Tokens of very different sizes (a zero token, exact ties) to quantize per token; codes whose
+    int32 sums are far beyond int8 and int16 (and below 2**24: exact in float32) for int8_linear;
+    a token to quantize alone and next to one a hundred times larger."""
     tok = randn(40, 48, generator=gen) * 10.0 ** torch.randint(-4, 3, (40, 1), generator=gen)
     tok[5] = 0.0
     tok[6, :3] = torch.tensor([127.0, 2.5, -3.5])  # scale 1.0: exact ties
@@ -88,12 +135,8 @@ def dynamic_refs(gen: torch.Generator) -> dict:
         r = tok / s
         tok = torch.where(((r - torch.floor(r)) - 0.5).abs() < 1e-3, tok * 0.999, tok)
     tok[6, :3] = torch.tensor([127.0, 2.5, -3.5])
-    codes, scale = quantize_per_token(tok)
-    out.update(tok_x=_np(tok), tok_codes=_np(codes), tok_scale=_np(scale))
-    cases = [(5, 1024, 3, True, "extreme"), (4, 300, 4, True, "random"), (7, 64, 9, False, "random"),
-             (3, 1000, 3, True, "extreme"), (1, 17, 2, True, "random"), (6, 512, 6, True, "per-tensor")]
-    out["n_cases"] = len(cases)
-    for i, (t, k, n, has_bias, kind) in enumerate(cases):
+    out = {"tok_x": _np(tok), "n_cases": len(DYNAMIC_CASES)}
+    for i, (t, k, n, has_bias, kind) in enumerate(DYNAMIC_CASES):
         if kind == "extreme":  # every product is +-127**2: the sum reaches k * 16129
             signs = torch.where(torch.rand(t, 1, generator=gen) < 0.5, -1, 1).to(torch.int8)
             qx = torch.full((t, k), 127, dtype=torch.int8) * signs
@@ -105,12 +148,34 @@ def dynamic_refs(gen: torch.Generator) -> dict:
             qw = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
         sx = (torch.rand(t, 1, generator=gen) * 0.05 + 1e-3) if kind != "per-tensor" else torch.tensor(0.02)
         sw = torch.rand(n, 1, generator=gen) * 0.01 + 1e-4
-        bias = randn(n, generator=gen) if has_bias else None
-        y = int8_linear(qx, sx, qw, sw, bias)
         out.update({f"qx{i}": _np(qx), f"sx{i}": _np(sx), f"qw{i}": _np(qw), f"sw{i}": _np(sw),
-                    f"bias{i}": _np(bias) if has_bias else np.zeros(0, np.float32), f"has_bias{i}": has_bias,
-                    f"y{i}": _np(y), f"acc{i}": _np(qx.long() @ qw.long().t())})
+                    f"bias{i}": _np(randn(n, generator=gen)) if has_bias else np.zeros(0, np.float32),
+                    f"has_bias{i}": has_bias})
+    out["alone"] = _np(randn(1, 16, generator=gen))
     return out
+
+
+def dynamic_expected(inputs: dict) -> dict:
+    codes, scale = quantize_per_token(_t(inputs, "tok_x"))
+    out = {"tok_codes": _np(codes), "tok_scale": _np(scale), "alone_codes": _np(quantize_per_token(_t(inputs, "alone"))[0])}
+    for i in range(int(inputs["n_cases"])):
+        args = [_t(inputs, f"{k}{i}") for k in ("qx", "sx", "qw", "sw")]
+        out[f"y{i}"] = _np(int8_linear(*args, _has_bias(inputs, i)))
+    return out
+
+
+def dynamic_judge(v: Verdict, inputs, expected, answers) -> None:
+    codes = v.got("tok_codes")
+    if codes is not None:
+        v.true("tok_codes", codes.dtype == np.int8, "per-token codes: int8 [T, in]")
+    v.close("tok_scale", expected["tok_scale"], "per-token scales [T, 1]", rtol=2e-6)
+    v.equal("tok_codes", expected["tok_codes"], "per-token codes")
+    for i in range(int(inputs["n_cases"])):
+        want = expected[f"y{i}"]
+        v.close(f"y{i}", want, f"case {i}: int8_linear against the exact integer computation", rtol=1e-6,
+                atol=1e-6 * float(np.abs(want).max()))
+    for key in ("alone_codes", "beside_codes"):
+        v.equal(key, expected["alone_codes"], "a token's codes must not depend on another token")
 
 
 # ----------------------------------------------------------------------------- exercise 3
@@ -122,24 +187,24 @@ def static_model(state: dict | None = None) -> nn.Sequential:
     return model.eval()
 
 
-def static_refs(gen: torch.Generator) -> dict:
-    """A small model, calibration batches (the maxima spread over all batches), their per-channel
-    input maxima; then static W8A8 linear cases with inputs beyond the calibrated range."""
-    model = init_linears_(static_model(), torch.Generator().manual_seed(SEED))
+STATIC_CASES = [(6, 32, 5, 0.05, True), (1, 16, 3, 0.01, True), (9, 64, 7, 0.2, False), (4, 128, 4, 0.003, True)]
+
+
+def static_inputs(gen: torch.Generator) -> dict:
+    """A small model and calibration batches (the maxima spread over all batches, a negative extreme
+    in the second); then static W8A8 linear cases with inputs beyond the calibrated range."""
+    model = init_linears_(static_model(), gen)
     with torch.no_grad():
         model[3].weight.mul_(torch.rand(5, generator=gen) + 0.5)
         model[3].bias.add_(randn(5, generator=gen))
     shapes = [(2, 4, 6), (1, 7, 6), (3, 2, 6), (2, 5, 6)]
     batches = [randn(*s, generator=gen) * (1 + 3 * torch.rand(6, generator=gen)) for s in shapes]
     batches[1][0, 2, 1] = -25.0  # a negative extreme, in the second batch
-    absmax = input_absmax(model, ["0", "2", "4"], lambda m: [m(b) for b in batches])
     out = {f"state.{k}": _np(v) for k, v in model.state_dict().items()}
     out.update({f"batch{i}": _np(b) for i, b in enumerate(batches)})
     out["n_batches"] = len(batches)
-    out.update({f"absmax.{n}": _np(a) for n, a in absmax.items()})
-    cases = [(6, 32, 5, 0.05, True), (1, 16, 3, 0.01, True), (9, 64, 7, 0.2, False), (4, 128, 4, 0.003, True)]
-    out["n_cases"] = len(cases)
-    for i, (t, k, n, sx, has_bias) in enumerate(cases):
+    out["n_cases"] = len(STATIC_CASES)
+    for i, (t, k, n, sx, has_bias) in enumerate(STATIC_CASES):
         x = randn(t, k, generator=gen) * sx * 130  # about a third of the values beyond 127 * sx
         x[0, :3] = torch.tensor([127.0, 400.0, -1000.0]) * sx
         qw = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
@@ -147,22 +212,54 @@ def static_refs(gen: torch.Generator) -> dict:
         bias = randn(n, generator=gen) if has_bias else None
         r = x / sx
         x = torch.where(((r - torch.floor(r)) - 0.5).abs() < 1e-3, x * 0.999, x)
-        qx = torch.round(x / torch.tensor(sx)).clamp(-127, 127).to(torch.int8)
-        y = int8_linear(qx, torch.tensor(sx), qw, sw, bias)
         out.update({f"x{i}": _np(x), f"sx{i}": np.float32(sx), f"qw{i}": _np(qw), f"sw{i}": _np(sw),
-                    f"bias{i}": _np(bias) if has_bias else np.zeros(0, np.float32), f"has_bias{i}": has_bias,
-                    f"y{i}": _np(y)})
+                    f"bias{i}": _np(bias) if has_bias else np.zeros(0, np.float32), f"has_bias{i}": has_bias})
     return out
 
 
+def static_expected(inputs: dict) -> dict:
+    model = static_model({k[6:]: v for k, v in inputs.items() if k.startswith("state.")})
+    batches = [_t(inputs, f"batch{j}") for j in range(int(inputs["n_batches"]))]
+    absmax = input_absmax(model, ["0", "2", "4"], lambda m: [m(b) for b in batches])
+    with torch.no_grad():
+        out = {"model_y": _np(model(batches[0]))}
+    out.update({f"absmax.{n}": _np(a) for n, a in absmax.items()})
+    out["kw_absmax"] = _np(torch.maximum(batches[0].abs().amax((0, 1)), batches[1].abs().amax((0, 1))))
+    for i in range(int(inputs["n_cases"])):
+        x, sx = _t(inputs, f"x{i}"), torch.tensor(float(inputs[f"sx{i}"]))
+        qx = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
+        out[f"y{i}"] = _np(int8_linear(qx, sx, _t(inputs, f"qw{i}"), _t(inputs, f"sw{i}"), _has_bias(inputs, i)))
+    return out
+
+
+def static_judge(v: Verdict, inputs, expected, answers) -> None:
+    for n in ("0", "2", "4"):
+        v.close(f"absmax.{n}", expected[f"absmax.{n}"], f"layer {n}: per-channel input maxima", rtol=1e-6, atol=1e-7)
+        hooks = v.got(f"hooks_left.{n}")
+        v.true(f"hooks_left.{n}", hooks is not None and not hooks.any(), f"layer {n}: a hook was left behind")
+    v.close("seen_by_4", expected["model_y"], "the hooks must not change what flows through the model", rtol=0.0,
+            atol=1e-6)
+    v.close("model_y_after", expected["model_y"], "the model changed", rtol=0.0, atol=1e-6)
+    v.close("kw_absmax", expected["kw_absmax"], "dict batches: model(**batch)", rtol=1e-6, atol=1e-7)
+    left = v.got("hooks_left_after_raise")
+    v.true("hooks_left_after_raise", left is not None and not left.any(),
+           "hooks must be removed even when the model raises (try/finally)")
+    for i in range(int(inputs["n_cases"])):
+        want = expected[f"y{i}"]
+        v.close(f"y{i}", want, f"static case {i}: outputs (fixed scale, saturation, bias?)", rtol=1e-6,
+                atol=1e-6 * float(np.abs(want).max()))
+
+
 # ----------------------------------------------------------------------------- exercise 4
-def smoothquant_refs(gen: torch.Generator) -> dict:
-    """Smoothing factors (one or several weights, zero channels, three alphas) and folds into a
-    pre-LN branch (LayerNorm weight and bias, linears with biases, non-square and square)."""
-    out = {}
-    cases = [(8, [5], 0.5), (6, [6, 6, 6], 0.5), (10, [3, 7], 0.75), (4, [4], 0.25), (12, [12, 12, 12], 0.85)]
-    out["n_factor_cases"] = len(cases)
-    for i, (n_in, outs, alpha) in enumerate(cases):
+FACTOR_CASES = [(8, [5], 0.5), (6, [6, 6, 6], 0.5), (10, [3, 7], 0.75), (4, [4], 0.25), (12, [12, 12, 12], 0.85)]
+FOLD_CASES = [(6, [6, 6, 6]), (5, [3]), (8, [8, 4])]
+
+
+def smoothquant_inputs(gen: torch.Generator) -> dict:
+    """Smoothing factors (one or several weights, a zero channel, a dead input column, three alphas)
+    and folds into a pre-LN branch (LayerNorm weight and bias, linears with biases)."""
+    out = {"n_factor_cases": len(FACTOR_CASES)}
+    for i, (n_in, outs, alpha) in enumerate(FACTOR_CASES):
         act = torch.rand(n_in, generator=gen) * 10.0 ** torch.randint(-1, 2, (n_in,), generator=gen)
         act[0] = 30.0
         act[-1] = 0.0  # a channel never seen non-zero
@@ -170,37 +267,70 @@ def smoothquant_refs(gen: torch.Generator) -> dict:
         weights[0][:, 1] = 0.0  # a dead input column
         if len(weights) > 1:
             weights[-1][0, 2] = 5.0  # this column's maximum sits in another weight than the first
-        s = smoothing_factors(act, weights, alpha)
-        out.update({f"act{i}": _np(act), f"alpha{i}": alpha, f"n_weights{i}": len(weights), f"s{i}": _np(s)})
+        out.update({f"act{i}": _np(act), f"alpha{i}": alpha, f"n_weights{i}": len(weights)})
         out.update({f"w{i}_{j}": _np(w) for j, w in enumerate(weights)})
-    folds = [(6, [6, 6, 6]), (5, [3]), (8, [8, 4])]
-    out["n_fold_cases"] = len(folds)
-    for i, (d, outs) in enumerate(folds):
-        ln = nn.LayerNorm(d)
-        linears = [nn.Linear(d, o) for o in outs]
-        with torch.no_grad():
-            ln.weight.copy_(torch.rand(d, generator=gen) + 0.5)
-            ln.bias.copy_(randn(d, generator=gen))
-            for lin in linears:
-                lin.weight.copy_(randn(o := lin.out_features, d, generator=gen) * 0.2)
-                lin.bias.copy_(randn(o, generator=gen))
-        x = randn(4, d, generator=gen) * 3
-        s = torch.rand(d, generator=gen) * 4 + 0.1
-        before = {f"fold{i}_ln_weight": _np(ln.weight), f"fold{i}_ln_bias": _np(ln.bias)}
-        for j, lin in enumerate(linears):
-            before[f"fold{i}_w{j}"], before[f"fold{i}_b{j}"] = _np(lin.weight.clone()), _np(lin.bias.clone())
+    out["n_fold_cases"] = len(FOLD_CASES)
+    for i, (d, outs) in enumerate(FOLD_CASES):
+        out[f"fold{i}_ln_weight"] = _np(torch.rand(d, generator=gen) + 0.5)
+        out[f"fold{i}_ln_bias"] = _np(randn(d, generator=gen))
+        for j, o in enumerate(outs):
+            out[f"fold{i}_w{j}"], out[f"fold{i}_b{j}"] = _np(randn(o, d, generator=gen) * 0.2), _np(randn(o, generator=gen))
+        out.update({f"fold{i}_x": _np(randn(4, d, generator=gen) * 3), f"fold{i}_s": _np(torch.rand(d, generator=gen) * 4 + 0.1),
+                    f"fold{i}_n": len(outs)})
+    return out
+
+
+def fold_case(inputs: dict, i: int) -> tuple[nn.LayerNorm, list[nn.Linear]]:
+    """Fold case ``i``'s LayerNorm and linears, as the inputs hold them (before folding)."""
+    ln = nn.LayerNorm(int(inputs[f"fold{i}_x"].shape[1]))
+    ln.load_state_dict({"weight": _t(inputs, f"fold{i}_ln_weight"), "bias": _t(inputs, f"fold{i}_ln_bias")})
+    linears = []
+    for j in range(int(inputs[f"fold{i}_n"])):
+        w = _t(inputs, f"fold{i}_w{j}")
+        lin = nn.Linear(w.shape[1], w.shape[0])
+        lin.load_state_dict({"weight": w, "bias": _t(inputs, f"fold{i}_b{j}")})
+        linears.append(lin)
+    return ln, linears
+
+
+def smoothquant_expected(inputs: dict) -> dict:
+    out = {}
+    for i in range(int(inputs["n_factor_cases"])):
+        weights = [_t(inputs, f"w{i}_{j}") for j in range(int(inputs[f"n_weights{i}"]))]
+        out[f"s{i}"] = _np(smoothing_factors(_t(inputs, f"act{i}"), weights, float(inputs[f"alpha{i}"])))
+    for i in range(int(inputs["n_fold_cases"])):
+        ln, linears = fold_case(inputs, i)
+        x = _t(inputs, f"fold{i}_x")
         with torch.no_grad():
             y = [lin(ln(x)) for lin in linears]
-            fold_smoothing(ln, linears, s)
-        out.update(before)
-        out.update({f"fold{i}_x": _np(x), f"fold{i}_s": _np(s), f"fold{i}_n": len(linears),
-                    f"fold{i}_ln_weight_after": _np(ln.weight), f"fold{i}_ln_bias_after": _np(ln.bias)})
+            fold_smoothing(ln, linears, _t(inputs, f"fold{i}_s"))
+        out[f"fold{i}_ln_weight_after"], out[f"fold{i}_ln_bias_after"] = _np(ln.weight), _np(ln.bias)
         for j, lin in enumerate(linears):
             out[f"fold{i}_w{j}_after"], out[f"fold{i}_y{j}"] = _np(lin.weight), _np(y[j])
     return out
 
 
+def smoothquant_judge(v: Verdict, inputs, expected, answers) -> None:
+    for i in range(int(inputs["n_factor_cases"])):
+        v.close(f"s{i}", expected[f"s{i}"], f"factors case {i} (alpha {float(inputs[f'alpha{i}'])})", rtol=1e-5)
+    for i in range(int(inputs["n_fold_cases"])):
+        v.close(f"fold{i}_ln_weight_after", expected[f"fold{i}_ln_weight_after"],
+                f"fold case {i}: the LayerNorm weight is divided by s", rtol=1e-6, atol=1e-8)
+        v.close(f"fold{i}_ln_bias_after", expected[f"fold{i}_ln_bias_after"],
+                f"fold case {i}: the LayerNorm bias must be divided too", rtol=1e-6, atol=1e-8)
+        for j in range(int(inputs[f"fold{i}_n"])):
+            v.close(f"fold{i}_w{j}_after", expected[f"fold{i}_w{j}_after"],
+                    f"fold case {i}: linear {j}'s weight columns are multiplied by s", rtol=1e-6, atol=1e-8)
+            v.equal(f"fold{i}_b{j}_after", inputs[f"fold{i}_b{j}"], f"fold case {i}: linear biases stay")
+            v.close(f"fold{i}_y{j}", expected[f"fold{i}_y{j}"], f"fold case {i}: the function changed",
+                    rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- exercise 5
+SENSITIVITY_NAMES = ["0.0", "1", "3"]
+RANK_K = [0, 1, 5, 12, 20]
+
+
 def sensitivity_model(state: dict | None = None) -> nn.Sequential:
     """Layers "0.0", "1" and "3" are Linear; "0.0" sits one level down (a nested name)."""
     model = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 16), nn.Tanh(),
@@ -210,34 +340,66 @@ def sensitivity_model(state: dict | None = None) -> nn.Sequential:
     return model.eval()
 
 
-def sensitivity_refs(gen: torch.Generator) -> dict:
-    """Per-layer damage of 4-bit per-group quantization on a small model, and rankings."""
-    model = init_linears_(sensitivity_model(), torch.Generator().manual_seed(SEED + 5))
-    with torch.no_grad():  # outliers: one weight in every group of 4 is 8 times too large
+def sensitivity_inputs(gen: torch.Generator) -> dict:
+    """A small model with outliers (one weight in every group of 4 is 8 times too large), its
+    inputs, the layers to measure, and damages to rank (12 values, several k)."""
+    model = init_linears_(sensitivity_model(), gen)
+    with torch.no_grad():
         model[1].weight[:, ::4].mul_(8.0)
         model[3].weight[:, 1::8].mul_(4.0)
-    x = randn(32, 8, generator=gen)
-    with torch.no_grad():
-        ref = model(x)
-    names = ["0.0", "1", "3"]
-    damage = layer_sensitivity(model, names, lambda lin: QuantLinear.from_linear(lin, 4, 4),
-                               lambda m: ((m(x) - ref) ** 2).mean().item())
     out = {f"state.{k}": _np(v) for k, v in model.state_dict().items()}
-    out.update(x=_np(x), names=np.array(names), damage=np.array([damage[n] for n in names]))
-    rank_in = torch.rand(12, generator=gen).double()
-    out.update(rank_values=_np(rank_in), rank_k=np.array([0, 1, 5, 12, 20]))
-    ranked = {f"n{i:02d}": v for i, v in enumerate(rank_in.tolist())}
-    for k in (0, 1, 5, 12, 20):
-        out[f"rank_top{k}"] = np.array(most_sensitive(ranked, k) or [""])
+    out.update(x=_np(randn(32, 8, generator=gen)), names=np.array(SENSITIVITY_NAMES),
+               rank_values=_np(torch.rand(12, generator=gen).double()), rank_k=np.array(RANK_K))
     return out
 
 
+def quantized_4bit(lin: nn.Linear) -> QuantLinear:
+    """The quantized stand-in of one layer while its damage is measured: 4 bits, groups of 4."""
+    return QuantLinear.from_linear(lin, 4, 4)
+
+
+def sensitivity_expected(inputs: dict) -> dict:
+    model = sensitivity_model({k[6:]: v for k, v in inputs.items() if k.startswith("state.")})
+    x = _t(inputs, "x")
+    with torch.no_grad():
+        ref = model(x)
+    names = [str(n) for n in inputs["names"]]
+    damage = layer_sensitivity(model, names, quantized_4bit, lambda m: ((m(x) - ref) ** 2).mean().item())
+    out = {"damage": np.array([damage[n] for n in names])}
+    ranked = {f"n{i:02d}": v for i, v in enumerate(inputs["rank_values"].tolist())}
+    for k in inputs["rank_k"].tolist():
+        out[f"rank_top{k}"] = np.array([int(n[1:]) for n in most_sensitive(ranked, k)], dtype=np.int64)
+    return out
+
+
+def sensitivity_judge(v: Verdict, inputs, expected, answers) -> None:
+    n = len(inputs["names"])
+    v.equal("has_name", np.ones(n, bool), "one entry per layer name")
+    v.equal("quantized_counts", np.ones(n, np.int64), "exactly one layer quantized while it is measured")
+    v.close("damage", expected["damage"], "per-layer damage", rtol=1e-5)
+    v.equal("originals_back", np.ones(n, bool), "the original layers are back afterwards")
+    for key in (k for k in inputs if k.startswith("state.")):
+        v.equal(f"after.{key}", inputs[key], "the model changed")
+    v.equal("originals_back_after_raise", np.ones(n, bool),
+            "put the layer back even when damage() raises (try/finally)")
+    for k in inputs["rank_k"].tolist():
+        v.equal(f"rank_top{k}", expected[f"rank_top{k}"], f"most_sensitive(k={k}): the k largest, largest first")
+
+
+HIDDEN_TESTS = [
+    HiddenTest("ex1_weight_only_tests", "weight_only", weight_only_inputs, weight_only_expected, weight_only_judge),
+    HiddenTest("ex2_dynamic_w8a8_tests", "dynamic", dynamic_inputs, dynamic_expected, dynamic_judge),
+    HiddenTest("ex3_static_w8a8_tests", "static", static_inputs, static_expected, static_judge),
+    HiddenTest("ex4_smoothquant_tests", "smoothquant", smoothquant_inputs, smoothquant_expected, smoothquant_judge),
+    HiddenTest("ex5_sensitivity_tests", "sensitivity", sensitivity_inputs, sensitivity_expected, sensitivity_judge),
+]
+
+
 def make(out_dir: Path) -> None:
-    """Write every reference file of the lab into ``out_dir`` (created if needed)."""
+    """Write every reference file of the lab into ``out_dir`` (created if needed): each test's
+    inputs for the lab's seed and the expected values on them."""
     gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
-    write_references(out_dir, {"weight_only": weight_only_refs(gen), "dynamic": dynamic_refs(gen),
-                               "static": static_refs(gen), "smoothquant": smoothquant_refs(gen),
-                               "sensitivity": sensitivity_refs(gen)})
+    write_references(out_dir, {t.file: t.reference(gen) for t in HIDDEN_TESTS})
 
 
 if __name__ == "__main__":
