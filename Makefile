@@ -54,8 +54,9 @@ test-other-kernels: setup
 	ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=AVX2 $(PY) -m pytest -m "not slow" qcore tests/unit tests/labs tests/zoo
 
 # Every table prints even when one misses a target; the exit status says whether all were met.
-# (bench_labs.py times each lab's master, the lab tests' run: several minutes on 2 cores.)
-BENCHES := bench_numerics bench_ptq bench_causal_lm bench_labs
+# (bench_labs.py times each lab's master, the lab tests' run: several minutes on 2 cores; bench_judging.py
+# grades each solution as judged now and with the in-kernel tests of before, side by side.)
+BENCHES := bench_numerics bench_ptq bench_causal_lm bench_labs bench_judging
 bench: setup
 	@failed=""; for b in $(BENCHES); do $(PY) bench/$$b.py || failed="$$failed $$b"; done; \
 	  if [ -n "$$failed" ]; then echo "targets missed:$$failed"; exit 1; fi

@@ -16,17 +16,8 @@ from pathlib import Path
 import nbformat
 
 from qcourse.autograde import autograde
-from qcourse.build import COURSE, REPO
+from qcourse.build import COURSE, REPO, copy_course
 from qcourse.master import find_masters, load_master
-
-
-def scratch_course(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    shutil.copy2(COURSE / "nbgrader_config.py", dest)
-    for part in ("masters", "reference"):
-        if (COURSE / part).is_dir():
-            shutil.copytree(COURSE / part, dest / part)
-    return dest
 
 
 def main(argv=None) -> int:
@@ -47,11 +38,11 @@ def main(argv=None) -> int:
         rows = []
         one = dict(list(found.items())[:1])
         t = time.perf_counter()
-        autograde(one, args.lab, jobs=1, course_root=scratch_course(Path(tmp) / "c0"), log=lambda *_: None)
+        autograde(one, args.lab, jobs=1, course_root=copy_course(COURSE, Path(tmp) / "c0"), log=lambda *_: None)
         rows.append(("1 submission", 1, time.perf_counter() - t))
         for jobs in (1, 2):
             t = time.perf_counter()
-            out = autograde(found, args.lab, jobs=jobs, course_root=scratch_course(Path(tmp) / f"c{jobs}"),
+            out = autograde(found, args.lab, jobs=jobs, course_root=copy_course(COURSE, Path(tmp) / f"c{jobs}"),
                             log=lambda *_: None)
             rows.append((f"{len(found)} submissions", jobs, time.perf_counter() - t))
             assert all(o.status == "graded" for o in out)

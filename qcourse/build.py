@@ -137,13 +137,14 @@ def _code_of(path: Path) -> list[tuple[str, str, str]]:
     return [(c.get("id", ""), c.cell_type, c.source) for c in nb.cells]
 
 
-def _scratch_course(course_root: Path, dest: Path) -> Path:
-    """A copy of the course's hand-written parts (config, masters, references) to build in."""
+def copy_course(course_root: Path, dest: Path) -> Path:
+    """A copy of the course's hand-written parts (config, masters, references, reference
+    generators with their judges) to build or grade in without touching the real one."""
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(course_root / "nbgrader_config.py", dest / "nbgrader_config.py")
-    shutil.copytree(course_root / "masters", dest / "masters")
-    if (course_root / "reference").is_dir():
-        shutil.copytree(course_root / "reference", dest / "reference")
+    for part in ("masters", "reference", "refgen"):
+        if (course_root / part).is_dir():
+            shutil.copytree(course_root / part, dest / part)
     return dest
 
 
@@ -156,7 +157,7 @@ def check(labs: list[str], course_root: Path = COURSE, labs_dir: Path = REPO / "
     """
     problems = []
     with tempfile.TemporaryDirectory() as tmp:
-        scratch = _scratch_course(course_root, Path(tmp) / "course")
+        scratch = copy_course(course_root, Path(tmp) / "course")
         for lab in labs:
             build_lab(lab, scratch, Path(tmp) / "labs", Path(tmp) / "solutions", qcore_source, run_solution=False)
             fresh = Path(tmp) / "labs" / f"{lab}.ipynb"

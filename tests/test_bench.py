@@ -36,3 +36,15 @@ def test_demo_prints_its_table():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "torch.ao dynamic int8" in out.stdout and "SmolLM2" in out.stdout
     print(out.stdout)
+
+
+@pytest.mark.slow
+def test_judging_bench_grades_both_versions():
+    """Lab 1's solution graded judged and with the in-kernel tests of before, full marks both (the
+    script exits on anything less); the ratio is `make bench`'s to judge, not this test's."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_judging.py"), "--labs", "lab01_precision_formats",
+                          "--repeats", "1"], capture_output=True, text=True, timeout=600)
+    if out.returncode == 2 and "not in this clone" in out.stderr:
+        pytest.skip(out.stderr.strip())
+    assert out.returncode in (0, 1), out.stderr[-2000:]
+    assert "| lab01_precision_formats |" in out.stdout and "target: judged" in out.stdout, out.stdout

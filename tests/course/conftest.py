@@ -28,16 +28,6 @@ REAL_LABS = list(find_masters(build_mod.COURSE))
 ONE_WRONG_LAB = "lab01_precision_formats"  # where the class also holds carol (one wrong answer)
 
 
-def scratch_course(root: Path) -> Path:
-    """A course to grade in: the real config, masters, references and reference generators (judges)."""
-    root.mkdir(parents=True)
-    shutil.copy2(build_mod.COURSE / "nbgrader_config.py", root)
-    for part in ("masters", "reference", "refgen"):
-        if (build_mod.COURSE / part).is_dir():
-            shutil.copytree(build_mod.COURSE / part, root / part)
-    return root
-
-
 def one_wrong_answer(solution) -> nbformat.NotebookNode:
     """Lab 1's solution with Exercise 5 answered wrong (the group scales forgotten): 9 of 10."""
     carol = nbformat.from_dict(solution)
@@ -57,7 +47,7 @@ class GradedClass:
 def _grade_class(lab: str, root: Path) -> GradedClass:
     """solution (the master), untouched (the released lab), partial (the first exercise left as
     released), and for lab 1 carol, graded together in a scratch course."""
-    graded = GradedClass(scratch_course(root / "course"), root / "subs")
+    graded = GradedClass(build_mod.copy_course(build_mod.COURSE, root / "course"), root / "subs")
     try:
         graded.subs.mkdir()
         source = load_master(find_masters(graded.course)[lab])

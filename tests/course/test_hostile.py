@@ -31,12 +31,9 @@ c.QCourseSandbox.wall_seconds = 400
 
 
 def scratch_course(root: Path) -> Path:
-    root.mkdir(parents=True)
-    shutil.copy2(build_mod.COURSE / "nbgrader_config.py", root)
+    build_mod.copy_course(build_mod.COURSE, root)
     with open(root / "nbgrader_config.py", "a") as f:
         f.write(TEST_LIMITS)
-    for part in ("masters", "reference", "refgen"):
-        shutil.copytree(build_mod.COURSE / part, root / part)
     return root
 
 
