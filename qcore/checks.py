@@ -4,8 +4,9 @@ A check passes quietly with one line ("✓ ..."), or fails with an ``AssertionEr
 message says what was expected, what came, and a hint. Inside ``exercise(...)`` an unfinished
 function (``NotImplementedError``) is reported kindly instead of as a traceback.
 
-Hidden tests also use ``reference`` (reference outputs written by ``qcourse references``) and
-``forbid`` (the student's function must not delegate to the library it reimplements).
+The hidden tests' in-kernel half (``qcore.asking.ask``) builds on ``reference`` (a lab's committed
+inputs, read outside grading) and ``forbid`` (the student's function must not delegate to the
+library it reimplements); a lab written with plain in-kernel hidden tests may call them directly.
 """
 from __future__ import annotations
 

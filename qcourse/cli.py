@@ -83,6 +83,14 @@ def _lab_of(notebook: Path, lab: str | None, course: Path) -> str:
                      f"(known: {', '.join(resolve_labs(None, course))})")
 
 
+def _warn_if_not_judged(lab: str, course_root: Path) -> None:
+    from qcourse.judge import hidden_tests
+
+    if not hidden_tests(lab, course_root):
+        print(f"WARNING: {lab}'s hidden tests run inside the student's kernel (course/refgen/{lab}.py lists no "
+              "HIDDEN_TESTS): code in a submission can change what they report. See docs/hostile-submissions.md.")
+
+
 def _validate(args) -> int:
     from qcourse.autograde import grade_one, prepare_assignment
 
@@ -91,6 +99,7 @@ def _validate(args) -> int:
         print(f"error: {notebook} does not exist")
         return 2
     lab = _lab_of(notebook, args.lab, args.course)
+    _warn_if_not_judged(lab, args.course)
     with tempfile.TemporaryDirectory(prefix="qcourse-validate-") as tmp:
         template = Path(tmp) / "template"
         prepare_assignment(lab, args.course, template)
@@ -121,6 +130,7 @@ def _autograde(args) -> int:
         folder = submissions.extract_zip(src, Path(tmp)) if src.is_file() else src
         found = submissions.collect(folder, lab)
         print(f"autograding {len(found)} submissions of {lab} with {args.jobs} jobs")
+        _warn_if_not_judged(lab, args.course)
         outcomes = autograde(found, lab, jobs=args.jobs, force=args.force, course_root=args.course,
                              timeout=args.timeout)
     max_points = {e.grade_id: float(e.points) for e in exercises(load_master(find_masters(args.course)[lab]))}

@@ -241,6 +241,10 @@ with ask("lab03_ptq_distilbert", "ex1_weight_only_tests", "weight_only",
     _w = torch.from_numpy(q.inputs["w0"]).clone()
     quantize_weight(_w, 8)
     q.answer("w_after", _w)  # the input tensor is not modified in place
+    for _name, _bits, _group in (("", 8, None), ("4", 4, 2)):  # the visible checks' weight
+        _c, _s = quantize_weight(torch.from_numpy(q.inputs["visible_w"]).clone(), _bits, _group)
+        q.answer(f"visible_codes{_name}", torch.as_tensor(_c))
+        q.answer(f"visible_scale{_name}", torch.as_tensor(_s))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -388,6 +392,9 @@ with ask("lab03_ptq_distilbert", "ex2_dynamic_w8a8_tests", "dynamic",
     _t = torch.from_numpy(q.inputs["alone"])
     q.answer("beside_codes", torch.as_tensor(quantize_per_token(torch.cat([_t, 100 * _t.roll(1, 1)]))[0])[:1])
     q.answer("alone_codes", torch.as_tensor(quantize_per_token(_t.clone())[0]))
+    _q, _s = quantize_per_token(torch.from_numpy(q.inputs["visible_x"]).clone())
+    q.answer("visible_codes", torch.as_tensor(_q))
+    q.answer("visible_scale", torch.as_tensor(_s))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -545,6 +552,9 @@ try:
             _qw, _sw = torch.from_numpy(q.inputs[f"qw{_i}"]), torch.from_numpy(q.inputs[f"sw{_i}"])
             _b = torch.from_numpy(q.inputs[f"bias{_i}"]) if bool(q.inputs[f"has_bias{_i}"]) else None
             q.answer(f"y{_i}", torch.as_tensor(static_w8a8_linear(_x.clone(), _sx.clone(), _qw.clone(), _sw.clone(), _b)))
+        q.answer("visible_y", torch.as_tensor(static_w8a8_linear(
+            torch.from_numpy(q.inputs["visible_x"]), float(q.inputs["visible_sx"]),
+            torch.from_numpy(q.inputs["visible_qw"]), torch.from_numpy(q.inputs["visible_sw"]))))
 finally:
     int8_linear = _saved_int8_linear
 ### END HIDDEN TESTS
@@ -689,6 +699,8 @@ with ask("lab03_ptq_distilbert", "ex4_smoothquant_tests", "smoothquant",
         _ws = [torch.from_numpy(q.inputs[f"w{_i}_{_j}"]).clone() for _j in range(int(q.inputs[f"n_weights{_i}"]))]
         _act = torch.from_numpy(q.inputs[f"act{_i}"]).clone()
         q.answer(f"s{_i}", torch.as_tensor(smoothing_factors(_act, _ws, float(q.inputs[f"alpha{_i}"]))))
+    q.answer("visible_s", torch.as_tensor(smoothing_factors(torch.from_numpy(q.inputs["visible_act"]),
+                                                            [torch.from_numpy(q.inputs["visible_w"])])))
     for _i in range(int(q.inputs["n_fold_cases"])):
         _x, _s = torch.from_numpy(q.inputs[f"fold{_i}_x"]), torch.from_numpy(q.inputs[f"fold{_i}_s"])
         _ln = nn.LayerNorm(_x.shape[1])
@@ -903,6 +915,8 @@ with ask("lab03_ptq_distilbert", "ex5_sensitivity_tests", "sensitivity",
     for _k in q.inputs["rank_k"].tolist():
         _got = most_sensitive({_n: float(_v) for _n, _v in zip(_index, q.inputs["rank_values"])}, int(_k))
         q.answer(f"rank_top{_k}", np.array([_index.get(_n, -1) for _n in _got], dtype=np.int64))
+    _got = most_sensitive({_n: float(_v) for _n, _v in zip(_index, q.inputs["visible_values"])}, 2)
+    q.answer("visible_top2", np.array([_index.get(_n, -1) for _n in _got], dtype=np.int64))
 ### END HIDDEN TESTS
 
 # %% [markdown]

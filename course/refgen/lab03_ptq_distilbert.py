@@ -86,6 +86,7 @@ def weight_only_inputs(gen: torch.Generator) -> dict:
         out.update({f"w{i}": _np(w), f"bits{i}": bits, f"group{i}": group, f"x{i}": _np(randn(3, n_in, generator=gen)),
                     f"bias{i}": _np(randn(n_out, generator=gen)) if has_bias else np.zeros(0, np.float32),
                     f"has_bias{i}": has_bias, f"lin_codes{i}": _np(codes), f"lin_scale{i}": _np(scale)})
+    out["visible_w"] = np.array([[2.5, -127.0, 0.5, 0.0], [10.0, 2.0, -4.0, 6.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
     return out
 
 
@@ -99,6 +100,9 @@ def weight_only_expected(inputs: dict) -> dict:
         w_hat = dequantize(lin_codes, QParams(lin_scale, torch.zeros(lin_scale.shape, dtype=torch.int32),
                                               int(inputs[f"bits{i}"]), True, gran))
         out[f"y{i}"] = _np(torch.nn.functional.linear(_t(inputs, f"x{i}"), w_hat, _has_bias(inputs, i)))
+    for name, bits, group in (("", 8, None), ("4", 4, 2)):  # the visible checks' weight
+        codes, qp = quantize_weight(_t(inputs, "visible_w"), bits, group)
+        out[f"visible_codes{name}"], out[f"visible_scale{name}"] = _np(codes), _np(qp.scale)
     return out
 
 
@@ -115,6 +119,9 @@ def weight_only_judge(v: Verdict, inputs, expected, answers) -> None:
         v.close(f"y{i}", want, f"{what}: layer outputs", rtol=1e-5, atol=atol)
         v.close(f"y3d{i}", want.reshape(3, 1, -1), f"{what}: layer outputs for x [3, 1, in]", rtol=1e-5, atol=atol)
     v.equal("w_after", inputs["w0"], "quantize_weight must not change its input")
+    for name in ("", "4"):
+        v.equal(f"visible_codes{name}", expected[f"visible_codes{name}"], "the visible checks' weight: codes")
+        v.close(f"visible_scale{name}", expected[f"visible_scale{name}"], "the visible checks' weight: scales", rtol=2e-6)
 
 
 # ----------------------------------------------------------------------------- exercise 2
@@ -152,12 +159,14 @@ def dynamic_inputs(gen: torch.Generator) -> dict:
                     f"bias{i}": _np(randn(n, generator=gen)) if has_bias else np.zeros(0, np.float32),
                     f"has_bias{i}": has_bias})
     out["alone"] = _np(randn(1, 16, generator=gen))
+    out["visible_x"] = np.array([[127.0, -2.5, 0.25], [0.0, 0.0, 0.0], [-254.0, 127.0, 3.5]], np.float32)
     return out
 
 
 def dynamic_expected(inputs: dict) -> dict:
     codes, scale = quantize_per_token(_t(inputs, "tok_x"))
     out = {"tok_codes": _np(codes), "tok_scale": _np(scale), "alone_codes": _np(quantize_per_token(_t(inputs, "alone"))[0])}
+    out["visible_codes"], out["visible_scale"] = (_np(a) for a in quantize_per_token(_t(inputs, "visible_x")))
     for i in range(int(inputs["n_cases"])):
         args = [_t(inputs, f"{k}{i}") for k in ("qx", "sx", "qw", "sw")]
         out[f"y{i}"] = _np(int8_linear(*args, _has_bias(inputs, i)))
@@ -176,6 +185,8 @@ def dynamic_judge(v: Verdict, inputs, expected, answers) -> None:
                 atol=1e-6 * float(np.abs(want).max()))
     for key in ("alone_codes", "beside_codes"):
         v.equal(key, expected["alone_codes"], "a token's codes must not depend on another token")
+    v.equal("visible_codes", expected["visible_codes"], "the visible checks' tokens: codes")
+    v.close("visible_scale", expected["visible_scale"], "the visible checks' tokens: scales", rtol=2e-6)
 
 
 # ----------------------------------------------------------------------------- exercise 3
@@ -214,6 +225,9 @@ def static_inputs(gen: torch.Generator) -> dict:
         x = torch.where(((r - torch.floor(r)) - 0.5).abs() < 1e-3, x * 0.999, x)
         out.update({f"x{i}": _np(x), f"sx{i}": np.float32(sx), f"qw{i}": _np(qw), f"sw{i}": _np(sw),
                     f"bias{i}": _np(bias) if has_bias else np.zeros(0, np.float32), f"has_bias{i}": has_bias})
+    # the visible checks' layer: inside the calibrated range, then beyond it
+    out.update(visible_x=np.array([[0.1, -0.2], [2.0, -3.0]], np.float32), visible_sx=np.float32(0.01),
+               visible_qw=np.array([[1, -2], [3, 4]], np.int8), visible_sw=np.array([[0.5], [0.25]], np.float32))
     return out
 
 
@@ -229,6 +243,9 @@ def static_expected(inputs: dict) -> dict:
         x, sx = _t(inputs, f"x{i}"), torch.tensor(float(inputs[f"sx{i}"]))
         qx = torch.round(x / sx).clamp(-127, 127).to(torch.int8)
         out[f"y{i}"] = _np(int8_linear(qx, sx, _t(inputs, f"qw{i}"), _t(inputs, f"sw{i}"), _has_bias(inputs, i)))
+    sx = torch.tensor(float(inputs["visible_sx"]))
+    qx = torch.round(_t(inputs, "visible_x") / sx).clamp(-127, 127).to(torch.int8)
+    out["visible_y"] = _np(int8_linear(qx, sx, _t(inputs, "visible_qw"), _t(inputs, "visible_sw")))
     return out
 
 
@@ -248,6 +265,7 @@ def static_judge(v: Verdict, inputs, expected, answers) -> None:
         want = expected[f"y{i}"]
         v.close(f"y{i}", want, f"static case {i}: outputs (fixed scale, saturation, bias?)", rtol=1e-6,
                 atol=1e-6 * float(np.abs(want).max()))
+    v.close("visible_y", expected["visible_y"], "the visible checks' layer", rtol=1e-6, atol=1e-7)
 
 
 # ----------------------------------------------------------------------------- exercise 4
@@ -269,6 +287,7 @@ def smoothquant_inputs(gen: torch.Generator) -> dict:
             weights[-1][0, 2] = 5.0  # this column's maximum sits in another weight than the first
         out.update({f"act{i}": _np(act), f"alpha{i}": alpha, f"n_weights{i}": len(weights)})
         out.update({f"w{i}_{j}": _np(w) for j, w in enumerate(weights)})
+    out.update(visible_act=np.array([16.0, 1.0, 0.0], np.float32), visible_w=np.array([[1.0, 4.0, 0.5]], np.float32))
     out["n_fold_cases"] = len(FOLD_CASES)
     for i, (d, outs) in enumerate(FOLD_CASES):
         out[f"fold{i}_ln_weight"] = _np(torch.rand(d, generator=gen) + 0.5)
@@ -298,6 +317,7 @@ def smoothquant_expected(inputs: dict) -> dict:
     for i in range(int(inputs["n_factor_cases"])):
         weights = [_t(inputs, f"w{i}_{j}") for j in range(int(inputs[f"n_weights{i}"]))]
         out[f"s{i}"] = _np(smoothing_factors(_t(inputs, f"act{i}"), weights, float(inputs[f"alpha{i}"])))
+    out["visible_s"] = _np(smoothing_factors(_t(inputs, "visible_act"), [_t(inputs, "visible_w")]))
     for i in range(int(inputs["n_fold_cases"])):
         ln, linears = fold_case(inputs, i)
         x = _t(inputs, f"fold{i}_x")
@@ -313,6 +333,7 @@ def smoothquant_expected(inputs: dict) -> dict:
 def smoothquant_judge(v: Verdict, inputs, expected, answers) -> None:
     for i in range(int(inputs["n_factor_cases"])):
         v.close(f"s{i}", expected[f"s{i}"], f"factors case {i} (alpha {float(inputs[f'alpha{i}'])})", rtol=1e-5)
+    v.close("visible_s", expected["visible_s"], "the visible checks' factors", rtol=1e-5)
     for i in range(int(inputs["n_fold_cases"])):
         v.close(f"fold{i}_ln_weight_after", expected[f"fold{i}_ln_weight_after"],
                 f"fold case {i}: the LayerNorm weight is divided by s", rtol=1e-6, atol=1e-8)
@@ -349,13 +370,20 @@ def sensitivity_inputs(gen: torch.Generator) -> dict:
         model[3].weight[:, 1::8].mul_(4.0)
     out = {f"state.{k}": _np(v) for k, v in model.state_dict().items()}
     out.update(x=_np(randn(32, 8, generator=gen)), names=np.array(SENSITIVITY_NAMES),
-               rank_values=_np(torch.rand(12, generator=gen).double()), rank_k=np.array(RANK_K))
+               rank_values=_np(torch.rand(12, generator=gen).double()), rank_k=np.array(RANK_K),
+               visible_values=np.array([0.1, 0.5, 0.3]))  # the visible check's {"a": 0.1, "b": 0.5, "c": 0.3}, k = 2
     return out
 
 
 def quantized_4bit(lin: nn.Linear) -> QuantLinear:
     """The quantized stand-in of one layer while its damage is measured: 4 bits, groups of 4."""
     return QuantLinear.from_linear(lin, 4, 4)
+
+
+def top_indices(values: np.ndarray, k: int) -> np.ndarray:
+    """qcore's ``most_sensitive`` of ``{"n00": values[0], "n01": ...}``, as the indices of the names."""
+    ranked = most_sensitive({f"n{i:02d}": v for i, v in enumerate(values.tolist())}, k)
+    return np.array([int(n[1:]) for n in ranked], dtype=np.int64)
 
 
 def sensitivity_expected(inputs: dict) -> dict:
@@ -366,9 +394,9 @@ def sensitivity_expected(inputs: dict) -> dict:
     names = [str(n) for n in inputs["names"]]
     damage = layer_sensitivity(model, names, quantized_4bit, lambda m: ((m(x) - ref) ** 2).mean().item())
     out = {"damage": np.array([damage[n] for n in names])}
-    ranked = {f"n{i:02d}": v for i, v in enumerate(inputs["rank_values"].tolist())}
     for k in inputs["rank_k"].tolist():
-        out[f"rank_top{k}"] = np.array([int(n[1:]) for n in most_sensitive(ranked, k)], dtype=np.int64)
+        out[f"rank_top{k}"] = top_indices(inputs["rank_values"], k)
+    out["visible_top2"] = top_indices(inputs["visible_values"], 2)
     return out
 
 
@@ -384,6 +412,7 @@ def sensitivity_judge(v: Verdict, inputs, expected, answers) -> None:
             "put the layer back even when damage() raises (try/finally)")
     for k in inputs["rank_k"].tolist():
         v.equal(f"rank_top{k}", expected[f"rank_top{k}"], f"most_sensitive(k={k}): the k largest, largest first")
+    v.equal("visible_top2", expected["visible_top2"], "the visible check's ranking")
 
 
 HIDDEN_TESTS = [

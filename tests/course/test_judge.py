@@ -122,9 +122,8 @@ def test_honest_names_are_not_taken_for_forbidden_functions():
 @pytest.mark.parametrize("lab", JUDGED)
 def test_honest_lab_code_is_left_alone(lab):
     """Every cell a student writes or is given in the release, and the solutions: no finding (the
-    instructor's locked cells are not checked: nbgrader restores them). A lab that is not judged
-    yet may still give unlocked cells that use such constructs (lab 5 frees memory with ctypes and
-    gc): judging it means locking those cells."""
+    instructor's locked cells are not checked: nbgrader restores them, so a given cell that needs
+    such a construct is locked: lab 5's, which frees memory with ctypes and gc)."""
     from qcourse.judge import early_bound_names
 
     source = load_master(find_masters(COURSE)[lab])

@@ -171,6 +171,7 @@ def test_validate_command(course):
         ok, bad = pool.map(lambda nb: _qcourse("--course", str(course), "validate", str(nb)),
                            [course / "solutions" / f"{LAB}.ipynb", course / "labs" / f"{LAB}.ipynb"])
     assert ok.returncode == 0 and "total 5/5" in ok.stdout
+    assert "hidden tests run inside the student's kernel" in ok.stdout  # the fixture lab is not judged
     assert bad.returncode == 1 and "✗ ex1_tests: 0/2" in bad.stdout
 
 
