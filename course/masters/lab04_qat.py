@@ -158,26 +158,23 @@ with exercise("Exercise 1: straight-through estimator"):
     check_close(fake_quant(xt.detach(), scale, 0.0, -7, 7), want,
                 "one scale per row (4-bit symmetric): equals torch.fake_quantize_per_channel_affine", atol=1e-6, rtol=0)
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("torch.fake_quantize_per_tensor_affine", "torch.fake_quantize_per_channel_affine",
-              "torch._fake_quantize_learnable_per_tensor_affine", "torch._fake_quantize_learnable_per_channel_affine",
-              "qcore.quant.fake_quantize", "qcore.quant.fake_quantize_ste", "qcore.quant.FakeQuantizeSTE.apply",
-              "qcore.qat.LSQFakeQuantize.apply")
-_ref = reference("lab04_qat", "ste")
-for _i in range(int(_ref["n_cases"])):
-    _x = torch.from_numpy(_ref[f"x{_i}"]).clone().requires_grad_()
-    _s, _z = torch.from_numpy(_ref[f"scale{_i}"]), torch.from_numpy(_ref[f"zero_point{_i}"])
-    _lo, _hi = int(_ref[f"qmin{_i}"]), int(_ref[f"qmax{_i}"])
-    with forbid(*_forbidden):
-        _y = FakeQuantSTE.apply(_x, _s.clone(), _z.clone(), _lo, _hi)
-        _y.backward(torch.from_numpy(_ref[f"grad_out{_i}"]))
-    _what = f"case {_i} (grid [{_lo}, {_hi}], scale shape {tuple(_s.shape)})"
-    assert tuple(_y.shape) == tuple(_x.shape), f"{_what}: output shape"
-    assert torch.allclose(_y.detach().double(), torch.from_numpy(_ref[f"y{_i}"]).double(), rtol=0,
-                          atol=1e-6 * (1 + float(np.abs(_ref[f"y{_i}"]).max()))), f"{_what}: values differ"
-    assert _x.grad is not None, f"{_what}: no gradient reached x"
-    assert torch.equal(_x.grad, torch.from_numpy(_ref[f"grad_x{_i}"])), f"{_what}: gradients differ"
+with ask("lab04_qat", "ex1_ste_tests", "ste",
+         forbid=("torch.fake_quantize_per_tensor_affine", "torch.fake_quantize_per_channel_affine",
+                 "torch._fake_quantize_learnable_per_tensor_affine",
+                 "torch._fake_quantize_learnable_per_channel_affine", "qcore.quant.fake_quantize",
+                 "qcore.quant.fake_quantize_ste", "qcore.quant.FakeQuantizeSTE.apply",
+                 "qcore.qat.LSQFakeQuantize.apply")) as q:
+    for _p, _c in [("", str(_i)) for _i in range(int(q.inputs["n_cases"]))] + [("visible_", "")]:
+        _x = torch.from_numpy(q.inputs[f"{_p}x{_c}"]).clone().requires_grad_()
+        _s, _z = torch.from_numpy(q.inputs[f"{_p}scale{_c}"]), torch.from_numpy(q.inputs[f"{_p}zero_point{_c}"])
+        _y = FakeQuantSTE.apply(_x, _s.clone(), _z.clone(), int(q.inputs[f"{_p}qmin{_c}"]), int(q.inputs[f"{_p}qmax{_c}"]))
+        _y.backward(torch.from_numpy(q.inputs[f"{_p}grad_out{_c}"]))
+        q.answer(f"{_p}y{_c}", _y)
+        q.answer(f"{_p}has_grad{_c}", _x.grad is not None)
+        if _x.grad is not None:
+            q.answer(f"{_p}grad_x{_c}", _x.grad)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -346,52 +343,41 @@ try:
 finally:
     fake_quant = yours
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_saved_fake_quant = fake_quant
-fake_quant = qcore.quant.fake_quantize_ste
-_forbidden = ("qcore.qat.FakeQuantLinear.forward", "qcore.qat.FakeQuantLinear.observe",
-              "qcore.qat.FakeQuantLinear.act_qparams", "qcore.qat.FakeQuantLinear.weight_scale",
-              "qcore.quant.choose_qparams", "qcore.quant.qparams_from_range")
+_saved = {"fake_quant": globals().get("fake_quant")}
+# Exercise 1 is graded on its own: here qcore's fake_quant stands in for it.
+globals().update(fake_quant=qcore.quant.fake_quantize_ste)
 try:
-    _ref = reference("lab04_qat", "fake_linear")
-    for _i in range(int(_ref["n_cases"])):
-        _w = torch.from_numpy(_ref[f"weight{_i}"])
-        _lin = nn.Linear(_w.shape[1], _w.shape[0])
-        _lin.load_state_dict({"weight": _w, "bias": torch.from_numpy(_ref[f"bias{_i}"])})
-        _what = f"case {_i} (W{int(_ref[f'weight_bits{_i}'])}A{int(_ref[f'act_bits{_i}'])}, weight {tuple(_w.shape)})"
-        with forbid(*_forbidden):
-            _fq = FakeQuantLinear(_lin, int(_ref[f"weight_bits{_i}"]), int(_ref[f"act_bits{_i}"]),
-                                  float(_ref[f"c{_i}"]))
-            _s = torch.as_tensor(_fq.weight_scale())
-        assert tuple(_s.shape) == (_w.shape[0], 1), f"{_what}: weight scale shape {tuple(_s.shape)}"
-        assert torch.allclose(_s, torch.from_numpy(_ref[f"weight_scale{_i}"]), rtol=1e-6, atol=0), \
-            f"{_what}: weight scales differ"
-        for _j in range(int(_ref[f"n_batches{_i}"])):
-            if _j == int(_ref[f"freeze_at{_i}"]):
-                _fq.observer_enabled = False
-            _x = torch.from_numpy(_ref[f"x{_i}_{_j}"]).clone().requires_grad_()
-            with forbid(*_forbidden):
+    with ask("lab04_qat", "ex2_fake_quant_linear_tests", "fake_linear",
+             forbid=("qcore.qat.FakeQuantLinear.forward", "qcore.qat.FakeQuantLinear.observe",
+                     "qcore.qat.FakeQuantLinear.act_qparams", "qcore.qat.FakeQuantLinear.weight_scale",
+                     "qcore.quant.choose_qparams", "qcore.quant.qparams_from_range")) as q:
+        for _p, _c in [("", str(_i)) for _i in range(int(q.inputs["n_cases"]))] + [("visible_", "")]:
+            _w = torch.from_numpy(q.inputs[f"{_p}weight{_c}"])
+            _lin = nn.Linear(_w.shape[1], _w.shape[0])
+            _lin.load_state_dict({"weight": _w, "bias": torch.from_numpy(q.inputs[f"{_p}bias{_c}"])})
+            _fq = FakeQuantLinear(_lin, int(q.inputs[f"{_p}weight_bits{_c}"]), int(q.inputs[f"{_p}act_bits{_c}"]),
+                                  float(q.inputs[f"{_p}c{_c}"]))
+            q.answer(f"{_p}weight_scale{_c}", torch.as_tensor(_fq.weight_scale()))
+            for _j in range(int(q.inputs[f"{_p}n_batches{_c}"])):
+                if _j == int(q.inputs[f"{_p}freeze_at{_c}"]):
+                    _fq.observer_enabled = False
+                _x = torch.from_numpy(q.inputs[f"{_p}x{_c}_{_j}"]).clone().requires_grad_()
                 _y = _fq(_x)
-                _y.backward(torch.from_numpy(_ref[f"grad_out{_i}_{_j}"]))
+                _y.backward(torch.from_numpy(q.inputs[f"{_p}grad_out{_c}_{_j}"]))
                 _sc, _zp = _fq.act_qparams()
-            _got = torch.stack([_fq.act_min.detach(), _fq.act_max.detach()])
-            assert torch.allclose(_got, torch.from_numpy(_ref[f"range{_i}_{_j}"]), rtol=1e-6, atol=1e-7), \
-                f"{_what}, batch {_j}: observed range differs"
-            assert torch.allclose(torch.as_tensor(_sc).double(), torch.tensor(float(_ref[f"act_scale{_i}_{_j}"])).double(),
-                                  rtol=1e-6, atol=0), f"{_what}, batch {_j}: input scale differs"
-            assert float(_zp) == float(_ref[f"act_zero_point{_i}_{_j}"]), f"{_what}, batch {_j}: zero-point differs"
-            _want = torch.from_numpy(_ref[f"y{_i}_{_j}"])
-            assert tuple(_y.shape) == tuple(_want.shape), f"{_what}: output shape"
-            assert torch.allclose(_y.detach(), _want, rtol=1e-5, atol=1e-5 * (1 + _want.abs().max().item())), \
-                f"{_what}, batch {_j}: outputs differ"
-            assert torch.allclose(_x.grad, torch.from_numpy(_ref[f"grad_x{_i}_{_j}"]), rtol=1e-5, atol=1e-5), \
-                f"{_what}, batch {_j}: input gradient differs"
-        assert int(_fq.num_batches) == int(_ref[f"freeze_at{_i}"]), f"{_what}: batches counted while frozen"
-        assert torch.allclose(_lin.weight.grad, torch.from_numpy(_ref[f"grad_w{_i}"]), rtol=1e-5, atol=1e-5), \
-            f"{_what}: weight gradient differs"
+                q.answer(f"{_p}range{_c}_{_j}", torch.stack([_fq.act_min.detach(), _fq.act_max.detach()]))
+                q.answer(f"{_p}act_scale{_c}_{_j}", torch.as_tensor(_sc))
+                q.answer(f"{_p}act_zero_point{_c}_{_j}", float(_zp))
+                q.answer(f"{_p}y{_c}_{_j}", _y)
+                q.answer(f"{_p}grad_x{_c}_{_j}", _x.grad)
+            q.answer(f"{_p}num_batches{_c}", int(_fq.num_batches))
+            q.answer(f"{_p}has_grad_w{_c}", _lin.weight.grad is not None)
+            if _lin.weight.grad is not None:
+                q.answer(f"{_p}grad_w{_c}", _lin.weight.grad)
 finally:
-    fake_quant = _saved_fake_quant
+    globals().update(_saved)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -514,52 +500,50 @@ try:
 finally:
     FakeQuantLinear = yours
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_saved_fql = FakeQuantLinear
-FakeQuantLinear = qcore.qat.FakeQuantLinear
-_forbidden = ("qcore.qat.prepare_qat", "qcore.qat.convert")
+_saved = {"FakeQuantLinear": globals().get("FakeQuantLinear")}
+# Exercise 2 is graded on its own: here qcore's FakeQuantLinear stands in for it.
+globals().update(FakeQuantLinear=qcore.qat.FakeQuantLinear)
 try:
-    _ref = reference("lab04_qat", "prepare_convert")
-    _net = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Sequential(nn.Sequential(nn.Linear(7, 7)), nn.ReLU()),
-                         nn.LayerNorm(7), nn.Linear(7, 3))
-    _net.load_state_dict({_k[6:]: torch.from_numpy(_ref[_k]) for _k in _ref if _k.startswith("state.")})
-    _state = {_k: _v.clone() for _k, _v in _net.state_dict().items()}
-    _names = [str(_n) for _n in _ref["names"]]
-    with forbid(*_forbidden):
-        _q = prepare_qat(_net, int(_ref["weight_bits"]), int(_ref["act_bits"]))
-    assert all(type(_net.get_submodule(_n)) is nn.Linear for _n in _names), "the original model must not change"
-    assert all(isinstance(_q.get_submodule(_n), qcore.qat.FakeQuantLinear) for _n in _names), \
-        "every nn.Linear, at any depth, becomes a FakeQuantLinear"
-    assert all(_q.get_submodule(_n).weight_bits == int(_ref["weight_bits"]) and
-               _q.get_submodule(_n).act_bits == int(_ref["act_bits"]) for _n in _names), "bits passed on"
-    with torch.no_grad():
-        for _j in range(int(_ref["n_batches"])):
-            _q(torch.from_numpy(_ref[f"batch{_j}"]))
-    freeze_observers(_q)
-    for _n in _names:
-        if f"lsq.{_n}" in _ref:
-            _layer = _q.get_submodule(_n)
-            _layer.scale = nn.Parameter(torch.from_numpy(_ref[f"lsq.{_n}"]).clone())
-    _x = torch.from_numpy(_ref["x"])
-    with torch.no_grad():
-        _y_fake = _q(_x)
-    assert torch.allclose(_y_fake, torch.from_numpy(_ref["y"]), rtol=1e-5, atol=1e-6), "the prepared model differs"
-    with forbid(*_forbidden):
+    with ask("lab04_qat", "ex3_prepare_convert_tests", "prepare_convert",
+             forbid=("qcore.qat.prepare_qat", "qcore.qat.convert")) as q:
+        _net = nn.Sequential(nn.Linear(5, 7), nn.GELU(), nn.Sequential(nn.Sequential(nn.Linear(7, 7)), nn.ReLU()),
+                             nn.LayerNorm(7), nn.Linear(7, 3))
+        _net.load_state_dict({_k[6:]: torch.from_numpy(q.inputs[_k]) for _k in q.inputs if _k.startswith("state.")})
+        _names = ["0", "2.0.0", "4"]
+        _q = prepare_qat(_net, int(q.inputs["weight_bits"]), int(q.inputs["act_bits"]))
+        q.answer("original_is_linear", np.array([type(_net.get_submodule(_n)) is nn.Linear for _n in _names]))
+        _fqs = [_q.get_submodule(_n) for _n in _names]
+        q.answer("prepared_is_fake_quant", np.array([isinstance(_m, qcore.qat.FakeQuantLinear) for _m in _fqs]))
+        q.answer("prepared_bits", np.array([[int(getattr(_m, "weight_bits", -1)), int(getattr(_m, "act_bits", -1))]
+                                            for _m in _fqs]))
+        with torch.no_grad():
+            for _j in range(int(q.inputs["n_batches"])):
+                _q(torch.from_numpy(q.inputs[f"batch{_j}"]))
+        qcore.qat.freeze_observers(_q)
+        for _n in _names:
+            if f"lsq.{_n}" in q.inputs:  # a learned scale
+                _q.get_submodule(_n).scale = nn.Parameter(torch.from_numpy(q.inputs[f"lsq.{_n}"]).clone())
+        _x = torch.from_numpy(q.inputs["x"])
+        with torch.no_grad():
+            q.answer("y_fake", _q(_x))
         _c = convert(_q)
-    for _n in _names:
-        _layer = _c.get_submodule(_n)
-        assert isinstance(_layer, QuantLinear), f"{_n}: not converted"
-        assert isinstance(_q.get_submodule(_n), qcore.qat.FakeQuantLinear), "convert must work on a copy"
-        assert _layer.codes().dtype == torch.int8, f"{_n}: codes must be int8"
-        assert torch.equal(_layer.codes(), torch.from_numpy(_ref[f"codes.{_n}"])), f"{_n}: codes differ"
-        assert torch.allclose(_layer.scale.reshape(-1, 1), torch.from_numpy(_ref[f"scale.{_n}"]), rtol=1e-6, atol=0), \
-            f"{_n}: scales differ"
-    with torch.no_grad():
-        assert torch.equal(_c(_x), _y_fake), "the converted model must give exactly the fake-quantized outputs"
-    assert all(torch.equal(_v, _state[_k]) for _k, _v in _net.state_dict().items()), "the float model changed"
+        q.answer("converted_is_quant_linear", np.array([isinstance(_c.get_submodule(_n), qcore.layers.QuantLinear)
+                                                        for _n in _names]))
+        q.answer("prepared_kept", np.array([isinstance(_q.get_submodule(_n), qcore.qat.FakeQuantLinear)
+                                            for _n in _names]))
+        for _n in _names:
+            _layer = _c.get_submodule(_n)
+            if isinstance(_layer, qcore.layers.QuantLinear):
+                q.answer(f"codes.{_n}", _layer.codes())
+                q.answer(f"scale.{_n}", _layer.scale.reshape(-1, 1))
+        with torch.no_grad():
+            q.answer("y_converted", _c(_x))
+        for _k, _v in _net.state_dict().items():
+            q.answer(f"after.state.{_k}", _v)
 finally:
-    FakeQuantLinear = _saved_fql
+    globals().update(_saved)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -677,27 +661,25 @@ with exercise("Exercise 4: LSQ"):
     check_close(sr.grad.double(), fd, "scale gradient matches a finite difference of the frozen-rounding function",
                 atol=1e-5, rtol=1e-4)
 ### BEGIN HIDDEN TESTS
-from qcore.checks import forbid, reference
+from qcore.asking import ask
 
-_forbidden = ("torch._fake_quantize_learnable_per_tensor_affine", "torch._fake_quantize_learnable_per_channel_affine",
-              "torch.fake_quantize_per_tensor_affine", "torch.fake_quantize_per_channel_affine",
-              "qcore.qat.lsq_fake_quantize", "qcore.qat.LSQFakeQuantize.apply", "qcore.quant.FakeQuantizeSTE.apply")
-_ref = reference("lab04_qat", "lsq")
-for _i in range(int(_ref["n_cases"])):
-    _w = torch.from_numpy(_ref[f"w{_i}"]).clone().requires_grad_()
-    _s = torch.from_numpy(_ref[f"scale{_i}"]).clone().requires_grad_()
-    _bits = int(_ref[f"bits{_i}"])
-    _what = f"case {_i} ({_bits} bits, weight {tuple(_w.shape)}, scale {tuple(_s.shape)})"
-    with forbid(*_forbidden):
-        _y = lsq_quantize(_w, _s, _bits)
-        _y.backward(torch.from_numpy(_ref[f"grad_out{_i}"]))
-    assert torch.allclose(_y.detach(), torch.from_numpy(_ref[f"y{_i}"]), rtol=1e-6, atol=1e-7), f"{_what}: values differ"
-    assert _w.grad is not None and torch.equal(_w.grad, torch.from_numpy(_ref[f"grad_w{_i}"])), \
-        f"{_what}: weight gradient differs"
-    assert _s.grad is not None and tuple(_s.grad.shape) == tuple(_s.shape), f"{_what}: scale gradient shape"
-    _want = torch.from_numpy(_ref[f"grad_scale{_i}"]).double()
-    assert torch.allclose(_s.grad.double(), _want, rtol=1e-4, atol=1e-6 * (1 + _want.abs().max().item())), \
-        f"{_what}: scale gradient differs"
+with ask("lab04_qat", "ex4_lsq_tests", "lsq",
+         forbid=("torch._fake_quantize_learnable_per_tensor_affine",
+                 "torch._fake_quantize_learnable_per_channel_affine", "torch.fake_quantize_per_tensor_affine",
+                 "torch.fake_quantize_per_channel_affine", "qcore.qat.lsq_fake_quantize",
+                 "qcore.qat.LSQFakeQuantize.apply", "qcore.quant.FakeQuantizeSTE.apply")) as q:
+    for _p, _c in [("", str(_i)) for _i in range(int(q.inputs["n_cases"]))] + [("visible_", "")]:
+        _w = torch.from_numpy(q.inputs[f"{_p}w{_c}"]).clone().requires_grad_()
+        _s = torch.from_numpy(q.inputs[f"{_p}scale{_c}"]).clone().requires_grad_()
+        _y = lsq_quantize(_w, _s, int(q.inputs[f"{_p}bits{_c}"]))
+        _y.backward(torch.from_numpy(q.inputs[f"{_p}grad_out{_c}"]))
+        q.answer(f"{_p}y{_c}", _y)
+        q.answer(f"{_p}has_grad_w{_c}", _w.grad is not None)
+        if _w.grad is not None:
+            q.answer(f"{_p}grad_w{_c}", _w.grad)
+        q.answer(f"{_p}has_grad_scale{_c}", _s.grad is not None)
+        if _s.grad is not None:
+            q.answer(f"{_p}grad_scale{_c}", _s.grad)
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -952,7 +934,7 @@ print(f"linear weights: FP32 {4 * n_weights / 1e6:.1f} MB -> {key[1]}-bit codes 
 # is why it is shown here on a small network. It is **deprecated**: PyTorch 2.13 warns that
 # `torch.ao.quantization` will be removed and points to torchao (the warnings are silenced below).
 
-# %%
+# %% locked="torch_ao_demo"
 from torch.ao.quantization import DeQuantStub, QuantStub, get_default_qat_qconfig
 from torch.ao.quantization import convert as ao_convert
 from torch.ao.quantization import prepare_qat as ao_prepare_qat

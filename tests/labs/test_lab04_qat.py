@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import qcore.zoo
-from harness import Kernel, REFERENCE, cell_of, load_spec
+from harness import Kernel, REFERENCE, cell_of, load_spec, run_tests
 from qcore import qat
 from qcore.clipping import choose_qparams_mse
 from qcore.quant import PerChannel, choose_qparams
@@ -145,13 +145,26 @@ def test_references_cover_the_edge_cases():
 
 
 def test_exercise_2_is_graded_on_its_own(solved, master_nb):
-    """A wrong fake_quant (Exercise 1) does not fail Exercise 2, and the student's name is restored."""
+    """A wrong fake_quant (Exercise 1) does not fail Exercise 2 (visible checks and judged answers),
+    and the student's name is restored."""
     kernel = Kernel(solved.ns)
     kernel.run(SPEC.exercise("ex1_ste").mutant("gradient zero everywhere"))
     kernel.run("def fake_quant(x, scale, zero_point, qmin, qmax):\n    return x * 0\n")
     wrong = kernel.ns["fake_quant"]
-    kernel.run(cell_of(master_nb, "ex2_fake_quant_linear_tests").source)
+    assert run_tests(kernel, LAB, "ex2_fake_quant_linear_tests",
+                     cell_of(master_nb, "ex2_fake_quant_linear_tests").source) == []
     assert kernel.ns["fake_quant"] is wrong
+
+
+def test_exercise_3_is_graded_on_its_own(solved, master_nb):
+    """A wrong FakeQuantLinear (Exercise 2) does not fail Exercise 3, and the student's class is restored."""
+    kernel = Kernel(solved.ns)
+    kernel.run(SPEC.exercise("ex2_fake_quant_linear").mutant("observer never updated after the first batch"))
+    wrong = kernel.ns["FakeQuantLinear"]
+    kernel.run(cell_of(master_nb, "ex3_prepare_convert").source)  # its convert looks FakeQuantLinear up here
+    assert run_tests(kernel, LAB, "ex3_prepare_convert_tests",
+                     cell_of(master_nb, "ex3_prepare_convert_tests").source) == []
+    assert kernel.ns["FakeQuantLinear"] is wrong
 
 
 # ----------------------------------------------------------------------------- the spec
