@@ -5,7 +5,9 @@ mutants on it).
 
 The graded cells never touch the model, so most tests run only the set-up, the imports and the
 exercise cells (seconds; ``Lab.setup_cells``). The whole notebook, with SmolLM2 and training
-shortened as under the grader, runs in the ``slow`` tests.
+shortened as under the grader, runs in the ``slow`` tests. The hidden tests ask inside the kernel
+and are judged outside it (course/refgen/lab05_lora_qlora.py): the solution passes on the committed
+inputs (test_lab_structure.py) and on other submissions' inputs (here).
 
 Across CPUs (docs/numerics-across-cpus.md): parameter counts, NF4 codes (inputs kept 2e-5 from the
 decision midpoints), absmax and double-quantization codes (kept 1e-3 of a step from ties) are exact;
@@ -23,7 +25,10 @@ import pytest
 import torch
 from torch import nn
 
-from harness import REFERENCE, load_spec
+import qcore.asking
+from harness import REFERENCE, Kernel, cell_of, hidden_part, load_spec
+from qcourse.build import COURSE
+from qcourse.judge import draw_inputs, hidden_tests, inject, judge_answers
 from qcore import lora
 from qcore.nf4 import _quantize_absmax, bits_per_param, dequantize_nf4, nf4_codebook, quantize_nf4
 from qcore.packing import unpack_int4
@@ -167,6 +172,21 @@ def test_whole_notebook_under_the_grader(lab):
     assert qlora_row["weights_mb"] < 0.45 * lora_row["weights_mb"]  # NF4 linear layers, FP32 embedding
     assert "max |y - peft| = 0.00e+00" in out or "max |y - peft| = " in out
     assert "LoRA merged into FP32" in out and "QLoRA merged into FP32" in out
+
+
+# ----------------------------------------------------------------------------- other students' inputs
+@pytest.mark.parametrize("seed", [1, 2**40 + 7, 2**62 + 11])
+def test_solution_passes_on_other_submissions_inputs(lab, seed):
+    """The grader asks each submission its own inputs (``qcourse.judge``): every seed must give
+    valid cases (away from rounding ties and NF4's decision boundaries) that the solution passes."""
+    for ex in SPEC.exercises:
+        test = hidden_tests(LAB, COURSE)[ex.tests_id]
+        inputs = draw_inputs(test, seed)
+        kernel = Kernel(lab.solved.ns)
+        kernel.run(cell_of(lab.master_nb, ex.id).source)
+        kernel.run(hidden_part(inject(cell_of(lab.master_nb, ex.tests_id).source, inputs)))
+        assert judge_answers(test, inputs, qcore.asking.ANSWERS[ex.tests_id]) == [], ex.id
+        assert kernel.stderr.getvalue() == ""
 
 
 # ----------------------------------------------------------------------------- references
