@@ -104,7 +104,8 @@ class _Visitor(ast.NodeVisitor):
                 self.flag(node, f"from {node.module} import {alias.name}")
             if alias.name == "*":
                 self.flag(node, f"from {node.module} import *")
-            if alias.name in self.c_names and f"{node.module}.{alias.name}" not in self.c_functions:
+            dotted = f"{node.module}.{alias.name}"
+            if alias.name in self.c_names and dotted not in self.c_functions and _same_object(dotted, self.c_functions):
                 self.flag(node, f"from {node.module} import {alias.name}: a forbidden C function by another path")
             self.modules.add(alias.asname or alias.name)
         self.generic_visit(node)

@@ -115,6 +115,9 @@ def test_honest_names_are_not_taken_for_forbidden_functions():
     """A parameter that shares a forbidden function's name, and direct calls, are fine."""
     honest = "import numpy as np\ndef t(x, percentile):\n    return np.percentile(x, percentile) + x.quantile(0.5)\nprint('percentile')"
     assert check_cells([(0, honest)], {"numpy.percentile", "numpy.quantile"}) == []
+    # another library's function of the same name, imported by name: not the forbidden one
+    assert check_cells([(0, "from torch.ao.quantization import convert")], {"qcore.qat.convert"}) == []
+    assert check_cells([(0, "from numpy.core.umath import frexp")], {"numpy.frexp"})  # the same object
     magics = ["%matplotlib inline", "%timeit t(x, 50)", "%%time\ny = t(x, 50)\n", "z = %time t(x, 1)"]
     assert check_cells(list(enumerate(magics)), {"numpy.percentile"}) == []
 
