@@ -221,7 +221,10 @@ def qlora_judge(v: Verdict, inputs, expected, answers) -> None:
 # ----------------------------------------------------------------------------- parameters and memory
 @lru_cache(maxsize=256)  # the fixed cases are the same for every submission a grader judges
 def _llama_trainable(hidden, inter, heads, kv_heads, head_dim, layers, r, targets: tuple[str, ...]) -> int:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    # The modules themselves, not transformers' lazy top-level names: the grader judges in threads,
+    # and two threads' first `from transformers import LlamaConfig` can race (an ImportError).
+    from transformers.models.llama.configuration_llama import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=32, hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, head_dim=head_dim, num_hidden_layers=layers)
