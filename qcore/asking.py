@@ -210,11 +210,38 @@ def _installed(dotted: str) -> bool:
     return importlib.util.find_spec(dotted.split(".")[0]) is not None
 
 
+class _RefuseImport:
+    """A ``sys.meta_path`` finder that refuses to import the packages it holds (package: a
+    forbidden function in it). Blocking a function of a package nothing has imported yet would
+    mean importing it first (scipy: half a second of every kernel's time); refusing its import
+    while the test asks stops the student's code reaching it just as well."""
+
+    def __init__(self, packages: dict[str, str]):
+        self.packages = packages
+
+    def find_spec(self, fullname, path=None, target=None):
+        top = fullname.partition(".")[0]
+        if top in self.packages:
+            raise Forbidden(f"this exercise must not call {self.packages[top]} (nor import {top})")
+        return None
+
+
 @contextlib.contextmanager
 def blocked(names: tuple[str, ...]):
     """Inside the block, every function in ``names`` raises ``Forbidden`` however it is reached
-    (names of libraries that are not installed are left out)."""
+    (names of libraries that are not installed are left out; a package not imported yet cannot
+    be imported inside the block).
+
+    >>> import sys; _ = sys.modules.pop("colorsys", None)
+    >>> with blocked(("colorsys.rgb_to_hsv",)):
+    ...     import colorsys
+    Traceback (most recent call last):
+    ...
+    qcore.checks.Forbidden: this exercise must not call colorsys.rgb_to_hsv (nor import colorsys)
+    """
     names = tuple(d for d in names if _installed(d))
+    unloaded = {d.partition(".")[0]: d for d in names if d.partition(".")[0] not in sys.modules}
+    names = tuple(d for d in names if d.partition(".")[0] not in unloaded)
     swapped, refused = [], {}
     for dotted in names:
         obj = _resolve(dotted)
@@ -224,6 +251,10 @@ def blocked(names: tuple[str, ...]):
             refused[obj] = dotted
     with contextlib.ExitStack() as stack:
         stack.enter_context(forbid_names(*names))  # the names, as before: C functions of math, numpy
+        if unloaded:
+            finder = _RefuseImport(unloaded)
+            sys.meta_path.insert(0, finder)
+            stack.callback(sys.meta_path.remove, finder)
         try:
             for fn, _ in swapped:
                 fn.__code__ = _raiser_code(f"{fn.__module__}.{fn.__qualname__}")
