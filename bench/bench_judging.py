@@ -65,8 +65,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--in-kernel", default="cd24184", help="the revision whose hidden tests ran in the kernel")
     args = parser.parse_args(argv)
-    if subprocess.run(["git", "-C", str(REPO), "cat-file", "-e", f"{args.in_kernel}^{{commit}}"],
-                      capture_output=True).returncode:
+    try:
+        _git("cat-file", "-e", f"{args.in_kernel}^{{commit}}")
+    except subprocess.CalledProcessError:
         print(f"revision {args.in_kernel} is not in this clone (a shallow one?): nothing to compare with",
               file=sys.stderr)
         return 2

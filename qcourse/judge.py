@@ -115,6 +115,15 @@ class Verdict:
             self.failures.append((key, what))
 
 
+def write_hidden_references(out_dir: Path, tests: list[HiddenTest], seed: int) -> None:
+    """A judged lab's committed reference files, into ``out_dir`` (created if needed): each test's
+    inputs drawn for ``seed`` (one generator stream, in the tests' order) and its expected values."""
+    from qcourse.refdata import write_references
+
+    gen = torch.Generator().manual_seed(seed)
+    write_references(out_dir, {t.file: t.reference(gen) for t in tests})
+
+
 # ----------------------------------------------------------------------------- the lab's tests
 @lru_cache(maxsize=None)
 def _generator_module(path: str) -> dict:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcourse.judge import HiddenTest, Verdict
-from qcourse.refdata import generator_main, randn, write_references
+from qcourse.judge import HiddenTest, Verdict, write_hidden_references
+from qcourse.refdata import generator_main, randn
 from qcore.formats import BF16, FP16, FP32, FloatFormat, compose, decompose, memory_bytes, round_to_format
 
 LAB = "lab01_precision_formats"
@@ -299,10 +299,9 @@ HIDDEN_TESTS = [
 
 
 def make(out_dir: Path) -> None:
-    """Write every reference file of the lab into ``out_dir`` (created if needed): each test's
-    inputs for the lab's seed and the expected values on them."""
-    gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
-    write_references(out_dir, {t.file: t.reference(gen) for t in HIDDEN_TESTS})
+    """Write every reference file of the lab into ``out_dir``: each test's inputs for the lab's
+    seed and the expected values on them."""
+    write_hidden_references(out_dir, HIDDEN_TESTS, SEED)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcourse.judge import HiddenTest, Verdict
-from qcourse.refdata import generator_main, randn, write_references
+from qcourse.judge import HiddenTest, Verdict, write_hidden_references
+from qcourse.refdata import generator_main, randn
 from qcore.quant import (PerChannel, PerGroup, PerTensor, QParams, choose_qparams, fake_quantize, mse,
                          qparams_from_range, qrange, quantize, dequantize, sqnr_db)
 from qcore.packing import pack_int4, unpack_int4
@@ -407,10 +407,9 @@ HIDDEN_TESTS = [
 
 
 def make(out_dir: Path) -> None:
-    """Write every reference file of the lab into ``out_dir`` (created if needed): each test's
-    inputs for the lab's seed and the expected values on them."""
-    gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
-    write_references(out_dir, {t.file: t.reference(gen) for t in HIDDEN_TESTS})
+    """Write every reference file of the lab into ``out_dir``: each test's inputs for the lab's
+    seed and the expected values on them."""
+    write_hidden_references(out_dir, HIDDEN_TESTS, SEED)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcourse.judge import HiddenTest, Verdict
-from qcourse.refdata import generator_main, init_linears_, randn, to_numpy as _np, write_references
+from qcourse.judge import HiddenTest, Verdict, write_hidden_references
+from qcourse.refdata import generator_main, init_linears_, randn, to_numpy as _np
 from qcore.ptq import layer_sensitivity, most_sensitive
 from qcore.int8 import int8_linear, quantize_per_token
 from qcore.layers import QuantLinear, quantize_weight
@@ -425,10 +425,9 @@ HIDDEN_TESTS = [
 
 
 def make(out_dir: Path) -> None:
-    """Write every reference file of the lab into ``out_dir`` (created if needed): each test's
-    inputs for the lab's seed and the expected values on them."""
-    gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
-    write_references(out_dir, {t.file: t.reference(gen) for t in HIDDEN_TESTS})
+    """Write every reference file of the lab into ``out_dir``: each test's inputs for the lab's
+    seed and the expected values on them."""
+    write_hidden_references(out_dir, HIDDEN_TESTS, SEED)
 
 
 if __name__ == "__main__":

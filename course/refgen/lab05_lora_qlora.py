@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from qcourse.judge import HiddenTest, Verdict
-from qcourse.refdata import generator_main, linspace, randn, to_numpy as _np, write_references
+from qcourse.judge import HiddenTest, Verdict, write_hidden_references
+from qcourse.refdata import generator_main, linspace, randn, to_numpy as _np
 from qcore import lora
 from qcore.nf4 import NF4State, _dequantize_absmax, _midpoints, _quantize_absmax, dequantize_nf4, nf4_codebook, \
     quantize_nf4
@@ -483,10 +483,9 @@ HIDDEN_TESTS = [
 
 
 def make(out_dir: Path) -> None:
-    """Write every reference file of the lab into ``out_dir`` (created if needed): each test's
-    inputs for the lab's seed and the expected values on them."""
-    gen = torch.Generator().manual_seed(SEED)  # one stream, drawn from in this order
-    write_references(out_dir, {t.file: t.reference(gen) for t in HIDDEN_TESTS})
+    """Write every reference file of the lab into ``out_dir``: each test's inputs for the lab's
+    seed and the expected values on them."""
+    write_hidden_references(out_dir, HIDDEN_TESTS, SEED)
 
 
 if __name__ == "__main__":
