@@ -241,10 +241,15 @@ with ask("lab03_ptq_distilbert", "ex1_weight_only_tests", "weight_only",
     _w = torch.from_numpy(q.inputs["w0"]).clone()
     quantize_weight(_w, 8)
     q.answer("w_after", _w)  # the input tensor is not modified in place
-    for _name, _bits, _group in (("", 8, None), ("4", 4, 2)):  # the visible checks' weight
+    _x, _b = torch.from_numpy(q.inputs["visible_x"]), torch.from_numpy(q.inputs["visible_bias"])
+    for _name, _bits, _group in (("", 8, None), ("4", 4, 2)):  # the visible checks' weight, and layer
         _c, _s = quantize_weight(torch.from_numpy(q.inputs["visible_w"]).clone(), _bits, _group)
         q.answer(f"visible_codes{_name}", torch.as_tensor(_c))
         q.answer(f"visible_scale{_name}", torch.as_tensor(_s))
+        q.answer(f"visible_y{_name}", torch.as_tensor(weight_only_linear(_x.clone(), _c, _s, _b.clone())))
+        if not _name:
+            q.answer("visible_y_nobias", torch.as_tensor(weight_only_linear(_x.clone(), _c, _s)))
+            q.answer("visible_y3d", torch.as_tensor(weight_only_linear(torch.ones(2, 5, 4), _c, _s, _b.clone())))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -395,6 +400,12 @@ with ask("lab03_ptq_distilbert", "ex2_dynamic_w8a8_tests", "dynamic",
     _q, _s = quantize_per_token(torch.from_numpy(q.inputs["visible_x"]).clone())
     q.answer("visible_codes", torch.as_tensor(_q))
     q.answer("visible_scale", torch.as_tensor(_s))
+    _qw = torch.tensor([[127], [-127]], dtype=torch.int8).expand(2, 1024).contiguous()
+    q.answer("visible_y_big", torch.as_tensor(int8_linear(torch.full((1, 1024), 127, dtype=torch.int8), torch.ones(1, 1),
+                                                          _qw, torch.ones(2, 1))))
+    for _case in ("small", "random"):
+        _args = [torch.from_numpy(q.inputs[f"visible_{_case}_{_k}"]).clone() for _k in ("qx", "sx", "qw", "sw", "bias")]
+        q.answer(f"visible_y_{_case}", torch.as_tensor(int8_linear(*_args)))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -555,6 +566,21 @@ try:
         q.answer("visible_y", torch.as_tensor(static_w8a8_linear(
             torch.from_numpy(q.inputs["visible_x"]), float(q.inputs["visible_sx"]),
             torch.from_numpy(q.inputs["visible_qw"]), torch.from_numpy(q.inputs["visible_sw"]))))
+        q.answer("visible_y_in", torch.as_tensor(static_w8a8_linear(
+            torch.from_numpy(q.inputs["visible_x_in"]), float(q.inputs["visible_sx"]),
+            torch.from_numpy(q.inputs["visible_qw"]), torch.from_numpy(q.inputs["visible_sw"]),
+            torch.from_numpy(q.inputs["visible_bias"]))))
+        _net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()  # the visible checks' calibration
+        _net.load_state_dict({_k[14:]: torch.from_numpy(q.inputs[_k]) for _k in q.inputs
+                              if _k.startswith("visible_state.")})
+        _batches = [torch.from_numpy(q.inputs[f"visible_batch{_j}"]) for _j in range(2)]
+        _stats = record_input_absmax(_net, ["0", "2"], [_b.clone() for _b in _batches])
+        for _n in ("0", "2"):
+            q.answer(f"visible_absmax.{_n}", torch.as_tensor(_stats[_n]))
+            _layer = _net.get_submodule(_n)
+            q.answer(f"visible_hooks_left.{_n}", np.array([bool(_layer._forward_pre_hooks), bool(_layer._forward_hooks)]))
+        with torch.no_grad():
+            q.answer("visible_model_y_after", _net(_batches[0]))
 finally:
     int8_linear = _saved_int8_linear
 ### END HIDDEN TESTS
@@ -699,8 +725,26 @@ with ask("lab03_ptq_distilbert", "ex4_smoothquant_tests", "smoothquant",
         _ws = [torch.from_numpy(q.inputs[f"w{_i}_{_j}"]).clone() for _j in range(int(q.inputs[f"n_weights{_i}"]))]
         _act = torch.from_numpy(q.inputs[f"act{_i}"]).clone()
         q.answer(f"s{_i}", torch.as_tensor(smoothing_factors(_act, _ws, float(q.inputs[f"alpha{_i}"]))))
-    q.answer("visible_s", torch.as_tensor(smoothing_factors(torch.from_numpy(q.inputs["visible_act"]),
-                                                            [torch.from_numpy(q.inputs["visible_w"])])))
+    _act, _w, _w2 = (torch.from_numpy(q.inputs[_k]) for _k in ("visible_act", "visible_w", "visible_w2"))
+    q.answer("visible_s", torch.as_tensor(smoothing_factors(_act.clone(), [_w.clone()])))
+    q.answer("visible_s2", torch.as_tensor(smoothing_factors(_act.clone(), [_w.clone(), _w2.clone()])))
+    q.answer("visible_s75", torch.as_tensor(smoothing_factors(_act.clone(), [_w.clone()], alpha=0.75)))
+    _ln = nn.LayerNorm(4)  # the visible checks' fold
+    _ln.load_state_dict({"weight": torch.from_numpy(q.inputs["visible_fold_ln_weight"]),
+                         "bias": torch.from_numpy(q.inputs["visible_fold_ln_bias"])})
+    _lins = []
+    for _name in ("q", "k"):
+        _w = torch.from_numpy(q.inputs[f"visible_fold_{_name}_weight"])
+        _lins.append(nn.Linear(_w.shape[1], _w.shape[0]))
+        _lins[-1].load_state_dict({"weight": _w, "bias": torch.from_numpy(q.inputs[f"visible_fold_{_name}_bias"])})
+    _x = torch.from_numpy(q.inputs["visible_fold_x"])
+    with torch.no_grad():
+        _a = _ln(_x).abs().amax(0)
+    fold_smoothing(_ln, _lins, smoothing_factors(_a, [_lins[0].weight, _lins[1].weight]))
+    with torch.no_grad():
+        q.answer("visible_fold_yq", _lins[0](_ln(_x)))
+        q.answer("visible_fold_yk", _lins[1](_ln(_x)))
+        q.answer("visible_fold_act_max", _ln(_x).abs().amax(0))
     for _i in range(int(q.inputs["n_fold_cases"])):
         _x, _s = torch.from_numpy(q.inputs[f"fold{_i}_x"]), torch.from_numpy(q.inputs[f"fold{_i}_s"])
         _ln = nn.LayerNorm(_x.shape[1])
@@ -917,6 +961,26 @@ with ask("lab03_ptq_distilbert", "ex5_sensitivity_tests", "sensitivity",
         q.answer(f"rank_top{_k}", np.array([_index.get(_n, -1) for _n in _got], dtype=np.int64))
     _got = most_sensitive({_n: float(_v) for _n, _v in zip(_index, q.inputs["visible_values"])}, 2)
     q.answer("visible_top2", np.array([_index.get(_n, -1) for _n in _got], dtype=np.int64))
+    _net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)).eval()
+    _net.load_state_dict({_k[14:]: torch.from_numpy(q.inputs[_k]) for _k in q.inputs if _k.startswith("visible_state.")})
+    _x, _originals = torch.from_numpy(q.inputs["visible_x"]), [_net[0], _net[2], _net[4]]
+    with torch.no_grad():
+        _y_ref = _net(_x)
+    _counts = []
+
+    def _damage(_m):  # as the visible checks' damage: a tensor, counted over the top-level layers
+        _counts.append(sum(isinstance(_l, QuantLinear) for _l in _m))
+        with torch.no_grad():
+            return ((_m(_x) - _y_ref) ** 2).mean()
+
+    _sens = layer_sensitivity(_net, ["0", "2", "4"], lambda _lin: QuantLinear.from_linear(_lin, bits=4), _damage)
+    q.answer("visible_has_name", np.array([_n in _sens for _n in ("0", "2", "4")]))
+    q.answer("visible_quantized_counts", np.array(_counts, dtype=np.int64))
+    q.answer("visible_is_float", np.array([isinstance(_sens.get(_n), float) for _n in ("0", "2", "4")]))
+    q.answer("visible_damage", np.array([float(_sens.get(_n, math.nan)) for _n in ("0", "2", "4")]))
+    q.answer("visible_same_layers", np.array([_net[_j] is _l for _j, _l in zip((0, 2, 4), _originals)]))
+    _position = {"0": 0, "2": 1, "4": 2}
+    q.answer("visible_top3", np.array([_position.get(_n, -1) for _n in most_sensitive(_sens, 3)], dtype=np.int64))
 ### END HIDDEN TESTS
 
 # %% [markdown]

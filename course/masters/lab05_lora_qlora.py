@@ -244,50 +244,51 @@ from qcore.asking import ask
 with ask("lab05_lora_qlora", "ex1_lora_linear_tests", "lora",
          forbid=("qcore.lora.LoRALinear.forward", "qcore.lora.LoRALinear.merge", "qcore.lora.LoRALinear.delta_weight",
                  "qcore.lora.LoRALinear.__init__", "qcore.lora.add_lora")) as q:
-    for _i in range(int(q.inputs["n_cases"])):
-        _w, _x = torch.from_numpy(q.inputs[f"w{_i}"]), torch.from_numpy(q.inputs[f"x{_i}"])
-        _has_bias = bool(q.inputs[f"has_bias{_i}"])
+    for _p, _c in ([("", str(_i)) for _i in range(int(q.inputs["n_cases"]))]
+                   + [("visible_", str(_j)) for _j in range(int(q.inputs["n_visible"]))]):  # w3, visible_w0
+        _w, _x = torch.from_numpy(q.inputs[f"{_p}w{_c}"]), torch.from_numpy(q.inputs[f"{_p}x{_c}"])
+        _has_bias = bool(q.inputs[f"{_p}has_bias{_c}"])
         _base = nn.Linear(_w.shape[1], _w.shape[0], bias=_has_bias)
         with torch.no_grad():
             _base.weight.copy_(_w)
             if _has_bias:
-                _base.bias.copy_(torch.from_numpy(q.inputs[f"bias{_i}"]))
-        _layer = LoRALinear(_base, r=int(q.inputs[f"r{_i}"]), alpha=float(q.inputs[f"alpha{_i}"])).eval()
-        q.answer(f"scaling{_i}", float(_layer.scaling))
-        q.answer(f"fresh_y{_i}", _layer(_x))  # a new layer is its base
-        q.answer(f"fresh_base_y{_i}", _base(_x))
-        q.answer(f"init_A{_i}", _layer.lora_A)
-        q.answer(f"init_B{_i}", _layer.lora_B)
-        _trainable = [_n for _n, _p in _layer.named_parameters() if _p.requires_grad]
-        q.answer(f"trainable_A{_i}", "lora_A" in _trainable)
-        q.answer(f"trainable_B{_i}", "lora_B" in _trainable)
-        q.answer(f"n_trainable{_i}", len(_trainable))
-        q.answer(f"base_requires_grad{_i}", np.array([_p.requires_grad for _p in _base.parameters()], dtype=bool))
+                _base.bias.copy_(torch.from_numpy(q.inputs[f"{_p}bias{_c}"]))
+        _layer = LoRALinear(_base, r=int(q.inputs[f"{_p}r{_c}"]), alpha=float(q.inputs[f"{_p}alpha{_c}"])).eval()
+        q.answer(f"{_p}scaling{_c}", float(_layer.scaling))
+        q.answer(f"{_p}fresh_y{_c}", _layer(_x))  # a new layer is its base
+        q.answer(f"{_p}fresh_base_y{_c}", _base(_x))
+        q.answer(f"{_p}init_A{_c}", _layer.lora_A)
+        q.answer(f"{_p}init_B{_c}", _layer.lora_B)
+        _trainable = [_n for _n, _t in _layer.named_parameters() if _t.requires_grad]
+        q.answer(f"{_p}trainable_A{_c}", "lora_A" in _trainable)
+        q.answer(f"{_p}trainable_B{_c}", "lora_B" in _trainable)
+        q.answer(f"{_p}n_trainable{_c}", len(_trainable))
+        q.answer(f"{_p}base_requires_grad{_c}", np.array([_t.requires_grad for _t in _base.parameters()], dtype=bool))
         with torch.no_grad():
-            _layer.lora_A.copy_(torch.from_numpy(q.inputs[f"A{_i}"]))
-            _layer.lora_B.copy_(torch.from_numpy(q.inputs[f"B{_i}"]))
+            _layer.lora_A.copy_(torch.from_numpy(q.inputs[f"{_p}A{_c}"]))
+            _layer.lora_B.copy_(torch.from_numpy(q.inputs[f"{_p}B{_c}"]))
         _y = _layer(_x)
-        q.answer(f"y{_i}", _y)
+        q.answer(f"{_p}y{_c}", _y)
         _y.sum().backward()
-        q.answer(f"A_grad_none{_i}", _layer.lora_A.grad is None)
-        q.answer(f"B_grad_none{_i}", _layer.lora_B.grad is None)
+        q.answer(f"{_p}A_grad_none{_c}", _layer.lora_A.grad is None)
+        q.answer(f"{_p}B_grad_none{_c}", _layer.lora_B.grad is None)
         if _layer.lora_A.grad is not None:
-            q.answer(f"grad_A{_i}", _layer.lora_A.grad)
+            q.answer(f"{_p}grad_A{_c}", _layer.lora_A.grad)
         if _layer.lora_B.grad is not None:
-            q.answer(f"grad_B{_i}", _layer.lora_B.grad)
-        q.answer(f"base_grad_none{_i}", _base.weight.grad is None)
+            q.answer(f"{_p}grad_B{_c}", _layer.lora_B.grad)
+        q.answer(f"{_p}base_grad_none{_c}", _base.weight.grad is None)
         _layer.merge()
-        q.answer(f"merged{_i}", _base.weight)
-        q.answer(f"merged_y{_i}", _layer(_x))
+        q.answer(f"{_p}merged{_c}", _base.weight)
+        q.answer(f"{_p}merged_y{_c}", _layer(_x))
         _layer.merge()  # a second merge changes nothing
-        q.answer(f"merged_twice{_i}", _base.weight)
+        q.answer(f"{_p}merged_twice{_c}", _base.weight)
         _layer.unmerge()
-        q.answer(f"unmerged{_i}", _base.weight)
-        q.answer(f"unmerged_y{_i}", _layer(_x))
-        q.answer(f"dropout_is_module{_i}", isinstance(_layer.dropout, nn.Dropout))
+        q.answer(f"{_p}unmerged{_c}", _base.weight)
+        q.answer(f"{_p}unmerged_y{_c}", _layer(_x))
+        q.answer(f"{_p}dropout_is_module{_c}", isinstance(_layer.dropout, nn.Dropout))
         _layer.train()
         _layer.dropout.p = 1.0
-        q.answer(f"dropped_y{_i}", _layer(_x))  # dropout on the adapter's input only
+        q.answer(f"{_p}dropped_y{_c}", _layer(_x))  # dropout on the adapter's input only
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -405,16 +406,19 @@ from qcore.asking import ask
 with ask("lab05_lora_qlora", "ex2_arithmetic_tests", "arithmetic") as q:
     _keys = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
              "num_hidden_layers")
-    for _i in range(int(q.inputs["n_cases"])):
-        _cfg = _Config(**dict(zip(_keys, (int(_v) for _v in q.inputs[f"config{_i}"]))))
-        _targets, _r = str(q.inputs[f"targets{_i}"]).split(","), int(q.inputs[f"r{_i}"])
-        q.answer(f"trainable{_i}", lora_trainable_parameters(_cfg, _r, list(_targets)))
-        q.answer(f"trainable_tuple{_i}", lora_trainable_parameters(_cfg, _r, tuple(_targets)))
-    for _i in range(int(q.inputs["n_memory"])):
-        _frozen, _trainable, _fbits, _tbits = q.inputs[f"mem_in{_i}"].tolist()
+    for _p, _c in ([("", str(_i)) for _i in range(int(q.inputs["n_cases"]))]
+                   + [("visible_", str(_j)) for _j in range(int(q.inputs["n_visible"]))]):  # w3, visible_w0
+        _cfg = _Config(**dict(zip(_keys, (int(_v) for _v in q.inputs[f"{_p}config{_c}"]))))
+        _targets = [_t for _t in str(q.inputs[f"{_p}targets{_c}"]).split(",") if _t]  # "": no target
+        _r = int(q.inputs[f"{_p}r{_c}"])
+        q.answer(f"{_p}trainable{_c}", lora_trainable_parameters(_cfg, _r, list(_targets)))
+        q.answer(f"{_p}trainable_tuple{_c}", lora_trainable_parameters(_cfg, _r, tuple(_targets)))
+    for _p, _c in ([("", str(_i)) for _i in range(int(q.inputs["n_memory"]))]
+                   + [("visible_", str(_j)) for _j in range(int(q.inputs["n_visible_memory"]))]):
+        _frozen, _trainable, _fbits, _tbits = q.inputs[f"{_p}mem_in{_c}"].tolist()
         _mem = training_memory(int(_frozen), int(_trainable), _fbits, _tbits)
         for _key in ("weights", "gradients", "optimizer"):
-            q.answer(f"{_key}{_i}", float(_mem[_key]))
+            q.answer(f"{_p}{_key}{_c}", float(_mem[_key]))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -617,13 +621,15 @@ with ask("lab05_lora_qlora", "ex3_nf4_tests", "nf4",
          forbid=("qcore.nf4.nf4_codebook", "qcore.nf4.quantize_nf4", "qcore.nf4.dequantize_nf4", "qcore.nf4._codebook",
                  "qcore.nf4._nearest_codes", "qcore.layers.NF4Linear.from_linear")) as q:
     q.answer("codebook", nf4_codebook_from_quantiles())
-    for _i in range(int(q.inputs["n_cases"])):
-        _w, _bs = torch.from_numpy(q.inputs[f"w{_i}"]), int(q.inputs[f"block{_i}"])
+    for _p, _c in ([("", str(_i)) for _i in range(int(q.inputs["n_cases"]))]
+                   + [("visible_", str(_j)) for _j in range(int(q.inputs["n_visible"]))]):  # w3, visible_w0
+        _w, _bs = torch.from_numpy(q.inputs[f"{_p}w{_c}"]), int(q.inputs[f"{_p}block{_c}"])
         _codes, _absmax = nf4_quantize_blockwise(_w.clone(), _bs)
-        q.answer(f"codes{_i}", torch.as_tensor(_codes).reshape(-1))
-        q.answer(f"absmax{_i}", torch.as_tensor(_absmax))
-        q.answer(f"w_hat{_i}", nf4_dequantize_blockwise(torch.from_numpy(q.inputs[f"dq_codes{_i}"]),
-                                                        torch.from_numpy(q.inputs[f"dq_absmax{_i}"]), _bs, _w.shape))
+        q.answer(f"{_p}codes{_c}", torch.as_tensor(_codes).reshape(-1))
+        q.answer(f"{_p}absmax{_c}", torch.as_tensor(_absmax))
+        q.answer(f"{_p}w_hat{_c}", nf4_dequantize_blockwise(torch.from_numpy(q.inputs[f"{_p}dq_codes{_c}"]),
+                                                            torch.from_numpy(q.inputs[f"{_p}dq_absmax{_c}"]), _bs,
+                                                            _w.shape))
     _w = torch.from_numpy(q.inputs["w0"]).clone()
     nf4_quantize_blockwise(_w, int(q.inputs["block0"]))
     q.answer("w0_after", _w)  # the input is left as it was
@@ -716,16 +722,18 @@ with ask("lab05_lora_qlora", "ex4_double_quant_tests", "double_quant",
          forbid=("qcore.nf4._quantize_absmax", "qcore.nf4._dequantize_absmax", "qcore.nf4.quantize_nf4",
                  "qcore.nf4.bits_per_param", "qcore.quant.choose_qparams", "qcore.quant.quantize",
                  "qcore.quant.dequantize", "qcore.quant.qparams_from_range")) as q:
-    for _i in range(int(q.inputs["n_cases"])):
-        _c, _s, _o = double_quantize(torch.from_numpy(q.inputs[f"absmax{_i}"]).clone())
-        q.answer(f"codes{_i}", torch.as_tensor(_c))
-        q.answer(f"scale{_i}", torch.as_tensor(_s))
-        q.answer(f"offset{_i}", torch.as_tensor(_o).float().reshape(()))
-        _rebuilt = double_dequantize(*(torch.from_numpy(q.inputs[f"rb_{_k}{_i}"])
+    for _p, _c in ([("", str(_i)) for _i in range(int(q.inputs["n_cases"]))]
+                   + [("visible_", str(_j)) for _j in range(int(q.inputs["n_visible"]))]):  # w3, visible_w0
+        _codes, _scale, _offset = double_quantize(torch.from_numpy(q.inputs[f"{_p}absmax{_c}"]).clone())
+        q.answer(f"{_p}codes{_c}", torch.as_tensor(_codes))
+        q.answer(f"{_p}scale{_c}", torch.as_tensor(_scale))
+        q.answer(f"{_p}offset{_c}", torch.as_tensor(_offset).float().reshape(()))
+        _rebuilt = double_dequantize(*(torch.from_numpy(q.inputs[f"{_p}rb_{_k}{_c}"])
                                        for _k in ("codes", "scale", "offset")))
-        q.answer(f"rebuilt{_i}", torch.as_tensor(_rebuilt))
-    q.answer("bits", np.array([float(nf4_bits_per_param(int(_bs), bool(_dq)))
-                               for _bs, _dq in q.inputs["bits_in"].tolist()]))
+        q.answer(f"{_p}rebuilt{_c}", torch.as_tensor(_rebuilt))
+    for _p in ("", "visible_"):
+        q.answer(f"{_p}bits", np.array([float(nf4_bits_per_param(int(_bs), bool(_dq)))
+                                        for _bs, _dq in q.inputs[f"{_p}bits_in"].tolist()]))
 ### END HIDDEN TESTS
 
 # %% [markdown]
@@ -790,11 +798,12 @@ with ask("lab05_lora_qlora", "ex5_nf4_vs_int4_tests", "int4",
                  "qcore.quant.fake_quantize", "qcore.quant.sqnr_db", "qcore.quant.mse",
                  "qcore.quant.qparams_from_range", "torch.fake_quantize_per_channel_affine",
                  "torch.fake_quantize_per_tensor_affine")) as q:
-    for _i in range(int(q.inputs["n_cases"])):
-        _w = torch.from_numpy(q.inputs[f"w{_i}"])
-        q.answer(f"w_hat{_i}", torch.as_tensor(int4_blockwise(_w.clone(), int(q.inputs[f"block{_i}"]))))
-        _x, _x_hat = torch.from_numpy(q.inputs[f"sq_x{_i}"]), torch.from_numpy(q.inputs[f"sq_xhat{_i}"])
-        q.answer(f"sqnr{_i}", float(sqnr(_x, _x_hat)))
+    for _p, _c in ([("", str(_i)) for _i in range(int(q.inputs["n_cases"]))]
+                   + [("visible_", str(_j)) for _j in range(int(q.inputs["n_visible"]))]):  # w3, visible_w0
+        _w = torch.from_numpy(q.inputs[f"{_p}w{_c}"])
+        q.answer(f"{_p}w_hat{_c}", torch.as_tensor(int4_blockwise(_w.clone(), int(q.inputs[f"{_p}block{_c}"]))))
+        _x, _x_hat = torch.from_numpy(q.inputs[f"{_p}sq_x{_c}"]), torch.from_numpy(q.inputs[f"{_p}sq_xhat{_c}"])
+        q.answer(f"{_p}sqnr{_c}", float(sqnr(_x, _x_hat)))
     q.answer("sqnr_same", float(sqnr(torch.from_numpy(q.inputs["w0"]), torch.from_numpy(q.inputs["w0"]))))
 ### END HIDDEN TESTS
 
@@ -922,40 +931,42 @@ from qcore.asking import ask
 with ask("lab05_lora_qlora", "ex6_qlora_linear_tests", "qlora",
          forbid=("qcore.lora.QLoRALinear.__init__", "qcore.lora.LoRALinear.forward", "qcore.lora.LoRALinear.__init__",
                  "qcore.layers.NF4Linear.forward", "qcore.layers.NF4Linear.from_linear", "qcore.lora.add_lora")) as q:
-    for _i in range(int(q.inputs["n_cases"])):
-        _w, _x = torch.from_numpy(q.inputs[f"w{_i}"]), torch.from_numpy(q.inputs[f"x{_i}"])
-        _has_bias = bool(q.inputs[f"has_bias{_i}"])
+    for _p, _c in ([("", str(_i)) for _i in range(int(q.inputs["n_cases"]))]
+                   + [("visible_", str(_j)) for _j in range(int(q.inputs["n_visible"]))]):  # w3, visible_w0
+        _w, _x = torch.from_numpy(q.inputs[f"{_p}w{_c}"]), torch.from_numpy(q.inputs[f"{_p}x{_c}"])
+        _has_bias = bool(q.inputs[f"{_p}has_bias{_c}"])
         _base = nn.Linear(_w.shape[1], _w.shape[0], bias=_has_bias)
         with torch.no_grad():
             _base.weight.copy_(_w)
             if _has_bias:
-                _base.bias.copy_(torch.from_numpy(q.inputs[f"bias{_i}"]))
-        _layer = QLoRALinear(_base, r=int(q.inputs[f"r{_i}"]), alpha=float(q.inputs[f"alpha{_i}"]))
+                _base.bias.copy_(torch.from_numpy(q.inputs[f"{_p}bias{_c}"]))
+        _layer = QLoRALinear(_base, r=int(q.inputs[f"{_p}r{_c}"]), alpha=float(q.inputs[f"{_p}alpha{_c}"]))
         _params = [_n for _n, _ in _layer.named_parameters()]
-        q.answer(f"has_A{_i}", "lora_A" in _params)
-        q.answer(f"has_B{_i}", "lora_B" in _params)
-        q.answer(f"n_params{_i}", len(_params))
-        q.answer(f"float_sizes{_i}", np.array([_t.numel() for _t in list(_layer.parameters()) + list(_layer.buffers())
-                                               if _t.is_floating_point() and _t is not _layer.lora_A], dtype=np.int64))
-        q.answer(f"n_linear{_i}", sum(isinstance(_m, nn.Linear) for _m in _layer.modules()))
-        q.answer(f"scaling{_i}", float(_layer.scaling))
-        q.answer(f"init_B{_i}", _layer.lora_B)
+        q.answer(f"{_p}has_A{_c}", "lora_A" in _params)
+        q.answer(f"{_p}has_B{_c}", "lora_B" in _params)
+        q.answer(f"{_p}n_params{_c}", len(_params))
+        _tensors = list(_layer.parameters()) + list(_layer.buffers())
+        q.answer(f"{_p}float_sizes{_c}", np.array([_t.numel() for _t in _tensors
+                                                   if _t.is_floating_point() and _t is not _layer.lora_A], dtype=np.int64))
+        q.answer(f"{_p}n_linear{_c}", sum(isinstance(_m, nn.Linear) for _m in _layer.modules()))
+        q.answer(f"{_p}scaling{_c}", float(_layer.scaling))
+        q.answer(f"{_p}init_B{_c}", _layer.lora_B)
         with torch.no_grad():
-            _layer.lora_A.copy_(torch.from_numpy(q.inputs[f"A{_i}"]))
-            _layer.lora_B.copy_(torch.from_numpy(q.inputs[f"B{_i}"]))
+            _layer.lora_A.copy_(torch.from_numpy(q.inputs[f"{_p}A{_c}"]))
+            _layer.lora_B.copy_(torch.from_numpy(q.inputs[f"{_p}B{_c}"]))
         _xg = _x.clone().requires_grad_(True)
         _y = _layer(_xg)
-        q.answer(f"y{_i}", _y)
+        q.answer(f"{_p}y{_c}", _y)
         _y.sum().backward()
-        q.answer(f"A_grad_none{_i}", _layer.lora_A.grad is None)
-        q.answer(f"B_grad_none{_i}", _layer.lora_B.grad is None)
-        q.answer(f"x_grad_none{_i}", _xg.grad is None)
+        q.answer(f"{_p}A_grad_none{_c}", _layer.lora_A.grad is None)
+        q.answer(f"{_p}B_grad_none{_c}", _layer.lora_B.grad is None)
+        q.answer(f"{_p}x_grad_none{_c}", _xg.grad is None)
         if _layer.lora_A.grad is not None:
-            q.answer(f"grad_A{_i}", _layer.lora_A.grad)
+            q.answer(f"{_p}grad_A{_c}", _layer.lora_A.grad)
         if _layer.lora_B.grad is not None:
-            q.answer(f"grad_B{_i}", _layer.lora_B.grad)
+            q.answer(f"{_p}grad_B{_c}", _layer.lora_B.grad)
         if _xg.grad is not None:
-            q.answer(f"grad_x{_i}", _xg.grad)
+            q.answer(f"{_p}grad_x{_c}", _xg.grad)
 ### END HIDDEN TESTS
 
 # %% [markdown]

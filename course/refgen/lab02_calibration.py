@@ -110,6 +110,9 @@ def scale_zero_point_expected(inputs: dict) -> dict[str, np.ndarray]:
 
 def scale_zero_point_judge(v: Verdict, inputs, expected, answers) -> None:
     v.equal("grids", expected["grids"], "int_grid for 2..16 bits, both grids")
+    got, rows = answers.get("grids"), [(8 - 2) * 2, (8 - 2) * 2 + 1, (4 - 2) * 2 + 1]  # the visible checks' grids
+    v.true("visible_grids", got is None or got.shape != expected["grids"].shape
+           or np.array_equal(got[rows], expected["grids"][rows]), "the visible checks' grids (8 bits both, 4 symmetric)")
     for prefix in ("", "visible_"):
         v.close(prefix + "scale", expected[prefix + "scale"], "scales (ranges as tensors)", rtol=2e-6)
         v.equal(prefix + "zero_point", expected[prefix + "zero_point"], "zero-points (ranges as tensors)")

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from qcourse.judge import HiddenTest, Verdict, write_hidden_references
 from qcourse.refdata import generator_main, init_linears_, randn, to_numpy as _np
@@ -32,13 +33,18 @@ SEED = 20240503
 # roundings ~ the reduction length) and what passes through GELU, LayerNorm and tanh. Codes,
 # scales, inputs and the exact integer sums (acc) are compared bit for bit.
 CPU_DEPENDENT = {
-    "weight_only": {"y*": 512},  # x @ w_hat.T, up to 384 terms
-    "dynamic": {"y*": 1024},  # int32 sums (exact) times scales, computed by a float kernel, up to 1,024 terms
+    "weight_only": {"y*": 512, "visible_y*": 16},  # x @ w_hat.T, up to 384 terms
+    "dynamic": {"y*": 1024, "visible_y*": 32},  # int32 sums (exact) times scales, by a float kernel
     # inputs seen behind GELU/LayerNorm, the model's output; products of up to 128 terms
-    "static": {"absmax.*": 64, "model_y": 64, "y*": 256},
-    "smoothquant": {"s*": 8, "fold*_y*": 64},  # pow for the factors; LayerNorm + product of 8 terms
-    "sensitivity": {"damage": 256},  # a mean over 128 outputs of a 3-layer model
+    "static": {"absmax.*": 64, "model_y": 64, "y*": 256, "visible_absmax.*": 16, "visible_model_y": 16,
+               "visible_y*": 8},
+    "smoothquant": {"s*": 8, "fold*_y*": 64, "visible_s*": 8, "visible_fold_*": 64},  # pow; LayerNorm + products
+    "sensitivity": {"damage": 256, "visible_damage": 256},  # a mean over up to 128 outputs of a 3-layer model
 }
+
+# The visible checks' own cases (keys ``visible...``) draw what those checks draw at random from
+# this generator, after every other input: the judge fails them exactly where the checks fail.
+VISIBLE_SEED = 0
 
 
 def _far_from_ties(w: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
@@ -87,6 +93,8 @@ def weight_only_inputs(gen: torch.Generator) -> dict:
                     f"bias{i}": _np(randn(n_out, generator=gen)) if has_bias else np.zeros(0, np.float32),
                     f"has_bias{i}": has_bias, f"lin_codes{i}": _np(codes), f"lin_scale{i}": _np(scale)})
     out["visible_w"] = np.array([[2.5, -127.0, 0.5, 0.0], [10.0, 2.0, -4.0, 6.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    out["visible_x"] = np.array([[1.0, 2.0, 3.0, 4.0], [-1.0, 0.5, 0.0, 2.0]], np.float32)
+    out["visible_bias"] = np.array([0.5, -1.0, 2.0], np.float32)
     return out
 
 
@@ -100,9 +108,14 @@ def weight_only_expected(inputs: dict) -> dict:
         w_hat = dequantize(lin_codes, QParams(lin_scale, torch.zeros(lin_scale.shape, dtype=torch.int32),
                                               int(inputs[f"bits{i}"]), True, gran))
         out[f"y{i}"] = _np(torch.nn.functional.linear(_t(inputs, f"x{i}"), w_hat, _has_bias(inputs, i)))
-    for name, bits, group in (("", 8, None), ("4", 4, 2)):  # the visible checks' weight
+    x, bias = _t(inputs, "visible_x"), _t(inputs, "visible_bias")
+    for name, bits, group in (("", 8, None), ("4", 4, 2)):  # the visible checks' weight, and layer
         codes, qp = quantize_weight(_t(inputs, "visible_w"), bits, group)
         out[f"visible_codes{name}"], out[f"visible_scale{name}"] = _np(codes), _np(qp.scale)
+        out[f"visible_y{name}"] = _np(F.linear(x, dequantize(codes, qp), bias))
+        if not name:
+            out["visible_y_nobias"] = _np(F.linear(x, dequantize(codes, qp)))
+            out["visible_y3d"] = _np(F.linear(torch.ones(2, 5, 4), dequantize(codes, qp), bias))
     return out
 
 
@@ -122,6 +135,8 @@ def weight_only_judge(v: Verdict, inputs, expected, answers) -> None:
     for name in ("", "4"):
         v.equal(f"visible_codes{name}", expected[f"visible_codes{name}"], "the visible checks' weight: codes")
         v.close(f"visible_scale{name}", expected[f"visible_scale{name}"], "the visible checks' weight: scales", rtol=2e-6)
+    for key in ("visible_y", "visible_y4", "visible_y_nobias", "visible_y3d"):
+        v.close(key, expected[key], "the visible checks' layer", rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- exercise 2
@@ -160,6 +175,17 @@ def dynamic_inputs(gen: torch.Generator) -> dict:
                     f"has_bias{i}": has_bias})
     out["alone"] = _np(randn(1, 16, generator=gen))
     out["visible_x"] = np.array([[127.0, -2.5, 0.25], [0.0, 0.0, 0.0], [-254.0, 127.0, 3.5]], np.float32)
+    # The visible checks' layers: 1,024 products of 127 * 127; two tokens, bias; and a random one
+    # with qcore's codes (theirs are the student's, checked above).
+    out.update(visible_small_qx=np.array([[2, 3], [-1, 4]], np.int8), visible_small_sx=np.array([[0.1], [1.0]], np.float32),
+               visible_small_qw=np.array([[1, 2], [3, -4]], np.int8), visible_small_sw=np.array([[0.5], [0.25]], np.float32),
+               visible_small_bias=np.array([1.0, -1.0], np.float32))
+    g = torch.Generator().manual_seed(VISIBLE_SEED)
+    xr, wr, br = randn(6, 32, generator=g), randn(5, 32, generator=g), randn(5, generator=g)
+    qx, sx = quantize_per_token(xr)
+    qw, qp = quantize_weight(wr, 8)
+    out.update(visible_random_qx=_np(qx), visible_random_sx=_np(sx), visible_random_qw=_np(qw),
+               visible_random_sw=_np(qp.scale), visible_random_bias=_np(br))
     return out
 
 
@@ -167,6 +193,10 @@ def dynamic_expected(inputs: dict) -> dict:
     codes, scale = quantize_per_token(_t(inputs, "tok_x"))
     out = {"tok_codes": _np(codes), "tok_scale": _np(scale), "alone_codes": _np(quantize_per_token(_t(inputs, "alone"))[0])}
     out["visible_codes"], out["visible_scale"] = (_np(a) for a in quantize_per_token(_t(inputs, "visible_x")))
+    out["visible_y_big"] = np.array([[1024 * 16129.0, -1024 * 16129.0]], np.float32)  # exact in float32 (< 2**24)
+    for case in ("small", "random"):
+        args = [_t(inputs, f"visible_{case}_{k}") for k in ("qx", "sx", "qw", "sw", "bias")]
+        out[f"visible_y_{case}"] = _np(int8_linear(*args))
     for i in range(int(inputs["n_cases"])):
         args = [_t(inputs, f"{k}{i}") for k in ("qx", "sx", "qw", "sw")]
         out[f"y{i}"] = _np(int8_linear(*args, _has_bias(inputs, i)))
@@ -187,6 +217,12 @@ def dynamic_judge(v: Verdict, inputs, expected, answers) -> None:
         v.equal(key, expected["alone_codes"], "a token's codes must not depend on another token")
     v.equal("visible_codes", expected["visible_codes"], "the visible checks' tokens: codes")
     v.close("visible_scale", expected["visible_scale"], "the visible checks' tokens: scales", rtol=2e-6)
+    big = v.got("visible_y_big")
+    v.true("visible_y_big", big is None or big.dtype == np.float32, "the visible checks' layer: float32 outputs")
+    v.equal("visible_y_big", expected["visible_y_big"], "the visible checks' 1,024 products of 127 * 127 (int32 sums)")
+    for case in ("small", "random"):
+        want = expected[f"visible_y_{case}"]
+        v.close(f"visible_y_{case}", want, "the visible checks' layer", rtol=1e-5, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- exercise 3
@@ -228,7 +264,24 @@ def static_inputs(gen: torch.Generator) -> dict:
     # the visible checks' layer: inside the calibrated range, then beyond it
     out.update(visible_x=np.array([[0.1, -0.2], [2.0, -3.0]], np.float32), visible_sx=np.float32(0.01),
                visible_qw=np.array([[1, -2], [3, 4]], np.int8), visible_sw=np.array([[0.5], [0.25]], np.float32))
+    out.update(visible_x_in=np.array([[0.1, -0.2]], np.float32), visible_bias=np.array([1.0, 0.0], np.float32))
+    # The visible checks' calibration: their net (the second layer drawn) and two batches of other shapes.
+    net = init_linears_(visible_static_model(), torch.Generator().manual_seed(VISIBLE_SEED))
+    with torch.no_grad():
+        net[0].weight.copy_(torch.tensor([[1.0, 0, 0], [0, -1, 0], [0, 0, 2], [0.5, 0.5, 0.5]]))
+        net[0].bias.zero_()
+    out.update({f"visible_state.{k}": _np(v) for k, v in net.state_dict().items()})
+    out.update(visible_batch0=np.array([[[1.0, -2.0, 0.5], [0.0, 1.0, -3.0]]], np.float32),
+               visible_batch1=np.array([[[-4.0, 0.5, 1.0]], [[3.0, 0.0, 0.0]]], np.float32))
     return out
+
+
+def visible_static_model(state: dict | None = None) -> nn.Sequential:
+    """The visible checks' calibration net; layers "0" and "2" are the Linear ones."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    if state is not None:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    return model.eval()
 
 
 def static_expected(inputs: dict) -> dict:
@@ -246,6 +299,15 @@ def static_expected(inputs: dict) -> dict:
     sx = torch.tensor(float(inputs["visible_sx"]))
     qx = torch.round(_t(inputs, "visible_x") / sx).clamp(-127, 127).to(torch.int8)
     out["visible_y"] = _np(int8_linear(qx, sx, _t(inputs, "visible_qw"), _t(inputs, "visible_sw")))
+    qx = torch.round(_t(inputs, "visible_x_in") / sx).clamp(-127, 127).to(torch.int8)
+    out["visible_y_in"] = _np(int8_linear(qx, sx, _t(inputs, "visible_qw"), _t(inputs, "visible_sw"),
+                                          _t(inputs, "visible_bias")))
+    net = visible_static_model({k[14:]: v for k, v in inputs.items() if k.startswith("visible_state.")})
+    batches = [_t(inputs, "visible_batch0"), _t(inputs, "visible_batch1")]
+    out.update({f"visible_absmax.{n}": _np(a)
+                for n, a in input_absmax(net, ["0", "2"], lambda m: [m(b) for b in batches]).items()})
+    with torch.no_grad():
+        out["visible_model_y"] = _np(net(batches[0]))
     return out
 
 
@@ -266,6 +328,13 @@ def static_judge(v: Verdict, inputs, expected, answers) -> None:
         v.close(f"y{i}", want, f"static case {i}: outputs (fixed scale, saturation, bias?)", rtol=1e-6,
                 atol=1e-6 * float(np.abs(want).max()))
     v.close("visible_y", expected["visible_y"], "the visible checks' layer", rtol=1e-6, atol=1e-7)
+    v.close("visible_y_in", expected["visible_y_in"], "the visible checks' layer, with bias", rtol=1e-6, atol=1e-7)
+    for n in ("0", "2"):
+        v.close(f"visible_absmax.{n}", expected[f"visible_absmax.{n}"], f"the visible checks' layer {n}: input maxima",
+                rtol=1e-6, atol=1e-7)
+        hooks = v.got(f"visible_hooks_left.{n}")
+        v.true(f"visible_hooks_left.{n}", hooks is not None and not hooks.any(), "the visible checks: a hook left behind")
+    v.close("visible_model_y_after", expected["visible_model_y"], "the visible checks' net changed", rtol=0.0, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- exercise 4
@@ -287,7 +356,8 @@ def smoothquant_inputs(gen: torch.Generator) -> dict:
             weights[-1][0, 2] = 5.0  # this column's maximum sits in another weight than the first
         out.update({f"act{i}": _np(act), f"alpha{i}": alpha, f"n_weights{i}": len(weights)})
         out.update({f"w{i}_{j}": _np(w) for j, w in enumerate(weights)})
-    out.update(visible_act=np.array([16.0, 1.0, 0.0], np.float32), visible_w=np.array([[1.0, 4.0, 0.5]], np.float32))
+    out.update(visible_act=np.array([16.0, 1.0, 0.0], np.float32), visible_w=np.array([[1.0, 4.0, 0.5]], np.float32),
+               visible_w2=np.array([[-0.25, 1.0, 2.0], [0.5, -9.0, 0.0]], np.float32))
     out["n_fold_cases"] = len(FOLD_CASES)
     for i, (d, outs) in enumerate(FOLD_CASES):
         out[f"fold{i}_ln_weight"] = _np(torch.rand(d, generator=gen) + 0.5)
@@ -296,7 +366,28 @@ def smoothquant_inputs(gen: torch.Generator) -> dict:
             out[f"fold{i}_w{j}"], out[f"fold{i}_b{j}"] = _np(randn(o, d, generator=gen) * 0.2), _np(randn(o, generator=gen))
         out.update({f"fold{i}_x": _np(randn(4, d, generator=gen) * 3), f"fold{i}_s": _np(torch.rand(d, generator=gen) * 4 + 0.1),
                     f"fold{i}_n": len(outs)})
+    # The visible checks' fold: LayerNorm(4) with an outlier channel into linears 4 -> 4 and 4 -> 6.
+    g = torch.Generator().manual_seed(VISIBLE_SEED)
+    ln_weight = randn(4, generator=g)
+    ln_weight[2] = 12.0
+    out.update(visible_fold_ln_weight=_np(ln_weight), visible_fold_ln_bias=_np(randn(4, generator=g)))
+    for name, n_out in (("q", 4), ("k", 6)):
+        out[f"visible_fold_{name}_weight"] = _np(randn(n_out, 4, generator=g))
+        out[f"visible_fold_{name}_bias"] = _np(randn(n_out, generator=g))
+    out["visible_fold_x"] = _np(randn(8, 4, generator=g))
     return out
+
+
+def visible_fold(inputs: dict) -> tuple[nn.LayerNorm, list[nn.Linear]]:
+    """The visible checks' LayerNorm and its two linears, before folding."""
+    ln = nn.LayerNorm(4)
+    ln.load_state_dict({"weight": _t(inputs, "visible_fold_ln_weight"), "bias": _t(inputs, "visible_fold_ln_bias")})
+    linears = []
+    for name in ("q", "k"):
+        w = _t(inputs, f"visible_fold_{name}_weight")
+        linears.append(nn.Linear(w.shape[1], w.shape[0]))
+        linears[-1].load_state_dict({"weight": w, "bias": _t(inputs, f"visible_fold_{name}_bias")})
+    return ln, linears
 
 
 def fold_case(inputs: dict, i: int) -> tuple[nn.LayerNorm, list[nn.Linear]]:
@@ -317,7 +408,15 @@ def smoothquant_expected(inputs: dict) -> dict:
     for i in range(int(inputs["n_factor_cases"])):
         weights = [_t(inputs, f"w{i}_{j}") for j in range(int(inputs[f"n_weights{i}"]))]
         out[f"s{i}"] = _np(smoothing_factors(_t(inputs, f"act{i}"), weights, float(inputs[f"alpha{i}"])))
-    out["visible_s"] = _np(smoothing_factors(_t(inputs, "visible_act"), [_t(inputs, "visible_w")]))
+    act, w, w2 = _t(inputs, "visible_act"), _t(inputs, "visible_w"), _t(inputs, "visible_w2")
+    out.update(visible_s=_np(smoothing_factors(act, [w])), visible_s2=_np(smoothing_factors(act, [w, w2])),
+               visible_s75=_np(smoothing_factors(act, [w], alpha=0.75)))
+    ln, (q_lin, k_lin) = visible_fold(inputs)
+    x = _t(inputs, "visible_fold_x")
+    with torch.no_grad():
+        out["visible_fold_yq"], out["visible_fold_yk"] = _np(q_lin(ln(x))), _np(k_lin(ln(x)))
+        fold_smoothing(ln, [q_lin, k_lin], smoothing_factors(ln(x).abs().amax(0), [q_lin.weight, k_lin.weight]))
+        out["visible_fold_act_max"] = _np(ln(x).abs().amax(0))
     for i in range(int(inputs["n_fold_cases"])):
         ln, linears = fold_case(inputs, i)
         x = _t(inputs, f"fold{i}_x")
@@ -333,7 +432,10 @@ def smoothquant_expected(inputs: dict) -> dict:
 def smoothquant_judge(v: Verdict, inputs, expected, answers) -> None:
     for i in range(int(inputs["n_factor_cases"])):
         v.close(f"s{i}", expected[f"s{i}"], f"factors case {i} (alpha {float(inputs[f'alpha{i}'])})", rtol=1e-5)
-    v.close("visible_s", expected["visible_s"], "the visible checks' factors", rtol=1e-5)
+    for key in ("visible_s", "visible_s2", "visible_s75"):
+        v.close(key, expected[key], "the visible checks' factors", rtol=1e-5)
+    for key in ("visible_fold_yq", "visible_fold_yk", "visible_fold_act_max"):
+        v.close(key, expected[key], "the visible checks' fold", rtol=1e-5, atol=1e-5)
     for i in range(int(inputs["n_fold_cases"])):
         v.close(f"fold{i}_ln_weight_after", expected[f"fold{i}_ln_weight_after"],
                 f"fold case {i}: the LayerNorm weight is divided by s", rtol=1e-6, atol=1e-8)
@@ -372,7 +474,21 @@ def sensitivity_inputs(gen: torch.Generator) -> dict:
     out.update(x=_np(randn(32, 8, generator=gen)), names=np.array(SENSITIVITY_NAMES),
                rank_values=_np(torch.rand(12, generator=gen).double()), rank_k=np.array(RANK_K),
                visible_values=np.array([0.1, 0.5, 0.3]))  # the visible check's {"a": 0.1, "b": 0.5, "c": 0.3}, k = 2
+    g = torch.Generator().manual_seed(VISIBLE_SEED)  # the visible checks' net, every parameter N(0, 1)
+    net = visible_sensitivity_model()
+    out.update({f"visible_state.{k}": _np(randn(*v.shape, generator=g)) for k, v in net.state_dict().items()})
+    out["visible_x"] = _np(randn(16, 4, generator=g))
     return out
+
+
+VISIBLE_SENSITIVITY_NAMES = ["0", "2", "4"]
+
+
+def visible_sensitivity_model(state: dict | None = None) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    if state is not None:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    return model.eval()
 
 
 def quantized_4bit(lin: nn.Linear) -> QuantLinear:
@@ -397,6 +513,14 @@ def sensitivity_expected(inputs: dict) -> dict:
     for k in inputs["rank_k"].tolist():
         out[f"rank_top{k}"] = top_indices(inputs["rank_values"], k)
     out["visible_top2"] = top_indices(inputs["visible_values"], 2)
+    model = visible_sensitivity_model({k[14:]: v for k, v in inputs.items() if k.startswith("visible_state.")})
+    x = _t(inputs, "visible_x")
+    with torch.no_grad():
+        ref = model(x)
+    damage = layer_sensitivity(model, VISIBLE_SENSITIVITY_NAMES, lambda lin: QuantLinear.from_linear(lin, bits=4),
+                               lambda m: ((m(x) - ref) ** 2).mean().item())
+    out["visible_damage"] = np.array([damage[n] for n in VISIBLE_SENSITIVITY_NAMES])
+    out["visible_top3"] = top_indices(out["visible_damage"], 3)
     return out
 
 
@@ -413,6 +537,13 @@ def sensitivity_judge(v: Verdict, inputs, expected, answers) -> None:
     for k in inputs["rank_k"].tolist():
         v.equal(f"rank_top{k}", expected[f"rank_top{k}"], f"most_sensitive(k={k}): the k largest, largest first")
     v.equal("visible_top2", expected["visible_top2"], "the visible check's ranking")
+    n = len(VISIBLE_SENSITIVITY_NAMES)
+    v.equal("visible_has_name", np.ones(n, bool), "the visible checks: one entry per layer")
+    v.equal("visible_quantized_counts", np.ones(n, np.int64), "the visible checks: one layer quantized at a time")
+    v.equal("visible_is_float", np.ones(n, bool), "the visible checks: damages are Python floats")
+    v.close("visible_damage", expected["visible_damage"], "the visible checks' damages", rtol=1e-5)
+    v.equal("visible_same_layers", np.ones(n, bool), "the visible checks: the model is left as it was")
+    v.equal("visible_top3", expected["visible_top3"], "the visible checks' ranking of the damages")
 
 
 HIDDEN_TESTS = [

@@ -10,7 +10,7 @@ the ``meta`` device (no memory, no download).
 """
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -34,10 +34,11 @@ LINEARS = lora.LLAMA_LINEARS
 # merged weights (float32 roundings ~ the reduction length), the mean offset of double
 # quantization, SQNR (sums). NF4 and int8 codes, absmax values, scales and dequantized values are exact.
 CPU_DEPENDENT = {
-    "lora": {"y*": 64, "base_y*": 64, "grad_*": 64, "merged*": 16},  # products over up to 32 inputs + r
-    "qlora": {"y*": 256, "grad_*": 256},  # products over up to 256 inputs
-    "double_quant": {"offset*": 1024},  # the mean of up to 1,200 absmax values
-    "int4": {"sqnr*": 1024},  # sums over up to 1,024 weights
+    "lora": {"y*": 64, "base_y*": 64, "grad_*": 64, "merged*": 16,  # products over up to 32 inputs + r
+             "visible_y*": 64, "visible_base_y*": 64, "visible_grad_*": 64, "visible_merged*": 16},
+    "qlora": {"y*": 256, "grad_*": 256, "visible_y*": 256, "visible_grad_*": 256},  # up to 256 inputs
+    "double_quant": {"offset*": 1024, "visible_offset*": 1024},  # the mean of up to 1,200 absmax values
+    "int4": {"sqnr*": 1024, "visible_sqnr*": 4096},  # sums over up to 4,096 weights
 }
 
 
@@ -50,10 +51,26 @@ def _choice(gen: torch.Generator, options):
     return options[_int(gen, 0, len(options))]
 
 
-def _what(inputs: dict, i: int) -> str:
-    w = inputs[f"w{i}"]
-    r, alpha = int(inputs[f"r{i}"]), float(inputs[f"alpha{i}"])
-    return f"case {i} (in {w.shape[1]}, out {w.shape[0]}, r {r}, alpha {alpha:g})"
+def _cases(inputs: dict, count: str = "n_cases", visible: str = "n_visible") -> list[tuple[str, str]]:
+    """Each case's (prefix, suffix) of its keys: ``w3`` for case 3, ``visible_w0`` for the visible
+    checks' first case (the ask writes the same keys)."""
+    return ([("", str(i)) for i in range(int(inputs[count]))]
+            + [("visible_", str(j)) for j in range(int(inputs.get(visible, 0)))])
+
+
+def _key(case: tuple[str, str], name: str) -> str:
+    """``_key(("visible_", "0"), "w")`` is ``visible_w0``."""
+    return f"{case[0]}{name}{case[1]}"
+
+
+def _case_name(case: tuple[str, str]) -> str:
+    return f"the visible checks' case {case[1]}" if case[0] else f"case {case[1]}"
+
+
+def _what(inputs: dict, case) -> str:
+    w = inputs[_key(case, "w")]
+    r, alpha = int(inputs[_key(case, "r")]), float(inputs[_key(case, "alpha")])
+    return f"{_case_name(case)} (in {w.shape[1]}, out {w.shape[0]}, r {r}, alpha {alpha:g})"
 
 
 def _flag(v: Verdict, key: str, want: bool, what: str) -> None:
@@ -67,155 +84,174 @@ def _grad_close(v: Verdict, key: str, want: np.ndarray, what: str) -> None:
     v.close(key, want, what, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(want).max(initial=0.0))))
 
 
-def _outputs_and_gradients(v: Verdict, expected, i: int, what: str) -> None:
+def _outputs_and_gradients(v: Verdict, expected, case, what: str) -> None:
     """An adapter layer's outputs with the given A and B, and the gradients of their sum for A and B."""
-    v.close(f"y{i}", expected[f"y{i}"], f"{what}: outputs differ", rtol=1e-5, atol=1e-5)
+    v.close(_key(case, "y"), expected[_key(case, "y")], f"{what}: outputs differ", rtol=1e-5, atol=1e-5)
     for m in ("A", "B"):
-        _flag(v, f"{m}_grad_none{i}", False, f"{what}: adapters get gradients")
-        _grad_close(v, f"grad_{m}{i}", expected[f"grad_{m}{i}"], f"{what}: the gradient of {m}")
+        _flag(v, _key(case, f"{m}_grad_none"), False, f"{what}: adapters get gradients")
+        _grad_close(v, _key(case, f"grad_{m}"), expected[_key(case, f"grad_{m}")], f"{what}: the gradient of {m}")
 
 
 # ----------------------------------------------------------------------------- LoRA and QLoRA layers
-def _layer_inputs(gen: torch.Generator, cases) -> dict[str, np.ndarray]:
-    """Base layers (weight, bias), adapters A and B to load, and 3-D inputs."""
-    out = {"n_cases": np.array(len(cases))}
+def _layer_inputs(gen: torch.Generator, cases, prefix: str = "") -> dict[str, np.ndarray]:
+    """Base layers (weight, bias), adapters A and B to load, and 3-D inputs; keys ``w0``, ... (or
+    ``visible_w0``, ... with ``prefix="visible_"``)."""
+    out = {"n_visible" if prefix else "n_cases": np.array(len(cases))}
     for i, (n_in, n_out, r, alpha, has_bias) in enumerate(cases):
         w = randn(n_out, n_in, generator=gen) / n_in ** 0.5
         b = randn(n_out, generator=gen) if has_bias else torch.zeros(0)
         a, bb = randn(r, n_in, generator=gen), randn(n_out, r, generator=gen) * 0.1
         x = randn(2, 3, n_in, generator=gen)
-        out.update({f"w{i}": _np(w), f"bias{i}": _np(b), f"has_bias{i}": np.array(bool(has_bias)),
-                    f"r{i}": np.array(int(r)), f"alpha{i}": np.array(float(alpha)), f"A{i}": _np(a),
-                    f"B{i}": _np(bb), f"x{i}": _np(x)})
+        out.update({f"{prefix}{k}{i}": v for k, v in {
+            "w": _np(w), "bias": _np(b), "has_bias": np.array(bool(has_bias)), "r": np.array(int(r)),
+            "alpha": np.array(float(alpha)), "A": _np(a), "B": _np(bb), "x": _np(x)}.items()})
     return out
 
 
-def _qcore_layer(cls, inputs: dict, i: int):
+def _visible_layer(n_in: int, n_out: int, r: int, alpha: float, A=None, B=None) -> dict[str, np.ndarray]:
+    """The visible checks' layer as a case: their shapes, r, alpha and (where they fix them) A and B;
+    the weights and inputs, which they draw at random, from a fixed generator of their own."""
+    out = _layer_inputs(torch.Generator().manual_seed(0), [(n_in, n_out, r, alpha, True)], "visible_")
+    if A is not None:
+        out.update(visible_A0=np.asarray(A, np.float32), visible_B0=np.asarray(B, np.float32))
+    return out
+
+
+def _qcore_layer(cls, inputs: dict, case):
     """qcore's adapter layer on the case's base, with the case's A and B (the initialisation, which
     draws from the global generator, in a forked generator: it is overwritten anyway)."""
-    w = torch.from_numpy(inputs[f"w{i}"])
-    has_bias = bool(inputs[f"has_bias{i}"])
+    k = partial(_key, case)
+    w = torch.from_numpy(inputs[k("w")])
+    has_bias = bool(inputs[k("has_bias")])
     base = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
     with torch.no_grad():
         base.weight.copy_(w)
         if has_bias:
-            base.bias.copy_(torch.from_numpy(inputs[f"bias{i}"]))
+            base.bias.copy_(torch.from_numpy(inputs[k("bias")]))
     with torch.random.fork_rng(devices=[]):
-        layer = cls(base, r=int(inputs[f"r{i}"]), alpha=float(inputs[f"alpha{i}"]))
+        layer = cls(base, r=int(inputs[k("r")]), alpha=float(inputs[k("alpha")]))
     with torch.no_grad():
-        layer.lora_A.copy_(torch.from_numpy(inputs[f"A{i}"]))
-        layer.lora_B.copy_(torch.from_numpy(inputs[f"B{i}"]))
+        layer.lora_A.copy_(torch.from_numpy(inputs[k("A")]))
+        layer.lora_B.copy_(torch.from_numpy(inputs[k("B")]))
     return base, layer.eval()
 
 
 def lora_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
     """Square layers with r = in = out (where a transposed adapter would still run), alpha != r,
-    layers without bias; then two random ones."""
+    layers without bias; then two random ones; and the visible checks' layer (6 -> 4, r 2, alpha 4,
+    their A and B)."""
     cases = [(6, 4, 2, 4, True), (8, 8, 8, 16, True), (16, 5, 4, 4, False), (12, 12, 3, 1, True),
              (4, 4, 4, 32, False), (32, 7, 1, 2, True)]
     for _ in range(2):
         cases.append((_int(gen, 2, 25), _int(gen, 2, 25), _int(gen, 1, 9), _choice(gen, (1, 2, 4, 8, 16, 32)),
                       bool(_int(gen, 0, 2))))
-    return _layer_inputs(gen, cases)
+    visible = _visible_layer(6, 4, 2, 4, A=np.linspace(-1, 1, 12).reshape(2, 6),
+                             B=[[1.0, 0.0], [0.0, 2.0], [1.0, 1.0], [0.5, -1.0]])
+    return _layer_inputs(gen, cases) | visible
 
 
 def lora_expected(inputs: dict) -> dict[str, np.ndarray]:
     """qcore's outputs with the given A and B, the gradients of their sum, the base's outputs
     and the merged weight."""
     out = {}
-    for i in range(int(inputs["n_cases"])):
-        base, layer = _qcore_layer(lora.LoRALinear, inputs, i)
-        x = torch.from_numpy(inputs[f"x{i}"])
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        base, layer = _qcore_layer(lora.LoRALinear, inputs, case)
+        x = torch.from_numpy(inputs[k("x")])
         y = layer(x)
         y.sum().backward()
         with torch.no_grad():
-            out.update({f"y{i}": _np(y), f"base_y{i}": _np(base(x)), f"merged{i}": _np(layer.merged_linear().weight),
-                        f"grad_A{i}": _np(layer.lora_A.grad), f"grad_B{i}": _np(layer.lora_B.grad)})
+            out.update({k("y"): _np(y), k("base_y"): _np(base(x)), k("merged"): _np(layer.merged_linear().weight),
+                        k("grad_A"): _np(layer.lora_A.grad), k("grad_B"): _np(layer.lora_B.grad)})
     return out
 
 
 def lora_judge(v: Verdict, inputs, expected, answers) -> None:
-    for i in range(int(inputs["n_cases"])):
-        what, w = _what(inputs, i), inputs[f"w{i}"]
-        r, alpha, (n_out, n_in) = int(inputs[f"r{i}"]), float(inputs[f"alpha{i}"]), w.shape
-        s = v.got(f"scaling{i}")
-        v.true(f"scaling{i}", s is None or s.size == 1 and abs(float(s.reshape(())) - alpha / r) < 1e-12,
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        what, w = _what(inputs, case), inputs[k("w")]
+        r, alpha, (n_out, n_in) = int(inputs[k("r")]), float(inputs[k("alpha")]), w.shape
+        s = v.got(k("scaling"))
+        v.true(k("scaling"), s is None or s.size == 1 and abs(float(s.reshape(())) - alpha / r) < 1e-12,
                f"{what}: scaling")
-        fresh, fresh_base = answers.get(f"fresh_y{i}"), answers.get(f"fresh_base_y{i}")
-        v.true(f"fresh_y{i}", fresh is not None and fresh_base is not None and fresh.shape == fresh_base.shape
+        fresh, fresh_base = answers.get(k("fresh_y")), answers.get(k("fresh_base_y"))
+        v.true(k("fresh_y"), fresh is not None and fresh_base is not None and fresh.shape == fresh_base.shape
                and np.array_equal(fresh, fresh_base), f"{what}: a new layer must equal its base")
-        v.close(f"fresh_y{i}", expected[f"base_y{i}"], f"{what}: a new layer must equal its base", rtol=1e-5, atol=1e-5)
-        a0, b0 = v.got(f"init_A{i}"), v.got(f"init_B{i}")
-        v.true(f"init_A{i}", a0 is None or a0.shape == (r, n_in), f"{what}: A has shape [r, in]")
-        v.true(f"init_B{i}", b0 is None or b0.shape == (n_out, r), f"{what}: B has shape [out, r]")
-        v.true(f"init_B{i}", a0 is not None and b0 is not None and bool((b0 == 0).all()) and bool((a0 != 0).all()),
+        v.close(k("fresh_y"), expected[k("base_y")], f"{what}: a new layer must equal its base", rtol=1e-5, atol=1e-5)
+        a0, b0 = v.got(k("init_A")), v.got(k("init_B"))
+        v.true(k("init_A"), a0 is None or a0.shape == (r, n_in), f"{what}: A has shape [r, in]")
+        v.true(k("init_B"), b0 is None or b0.shape == (n_out, r), f"{what}: B has shape [out, r]")
+        v.true(k("init_B"), a0 is not None and b0 is not None and bool((b0 == 0).all()) and bool((a0 != 0).all()),
                f"{what}: initialisation")
-        v.true(f"init_A{i}", a0 is None or a0.size == 0 or float(np.abs(a0).max()) <= np.float32(1 / np.sqrt(n_in)),
+        v.true(k("init_A"), a0 is None or a0.size == 0 or float(np.abs(a0).max()) <= np.float32(1 / np.sqrt(n_in)),
                f"{what}: A's bound")
-        trainable = [answers.get(k) for k in (f"trainable_A{i}", f"trainable_B{i}", f"n_trainable{i}")]
-        v.true(f"n_trainable{i}", all(t is not None and t.size == 1 for t in trainable)
+        trainable = [answers.get(k(name)) for name in ("trainable_A", "trainable_B", "n_trainable")]
+        v.true(k("n_trainable"), all(t is not None and t.size == 1 for t in trainable)
                and bool(trainable[0]) and bool(trainable[1]) and int(trainable[2]) == 2, f"{what}: trainable")
-        frozen = answers.get(f"base_requires_grad{i}")
-        v.true(f"base_requires_grad{i}", frozen is not None and frozen.shape == (1 + bool(inputs[f"has_bias{i}"]),)
+        frozen = answers.get(k("base_requires_grad"))
+        v.true(k("base_requires_grad"), frozen is not None and frozen.shape == (1 + bool(inputs[k("has_bias")]),)
                and not frozen.any(), f"{what}: the base stays frozen")
-        _outputs_and_gradients(v, expected, i, what)
-        _flag(v, f"base_grad_none{i}", True, f"{what}: the base weight got a gradient")
-        v.close(f"merged{i}", expected[f"merged{i}"], f"{what}: merged weight", rtol=1e-5, atol=1e-5)
-        v.close(f"merged_y{i}", expected[f"y{i}"], f"{what}: merged outputs", rtol=1e-5, atol=1e-5)
-        v.close(f"merged_twice{i}", expected[f"merged{i}"], f"{what}: merging twice", rtol=1e-5, atol=1e-5)
-        v.close(f"unmerged{i}", w, f"{what}: unmerge", rtol=1e-5, atol=1e-5)
-        v.close(f"unmerged_y{i}", expected[f"y{i}"], f"{what}: unmerged outputs", rtol=1e-5, atol=1e-5)
-        _flag(v, f"dropout_is_module{i}", True, f"{what}: self.dropout is an nn.Dropout")
-        v.close(f"dropped_y{i}", expected[f"base_y{i}"], f"{what}: dropout on the adapter's input only",
+        _outputs_and_gradients(v, expected, case, what)
+        _flag(v, k("base_grad_none"), True, f"{what}: the base weight got a gradient")
+        v.close(k("merged"), expected[k("merged")], f"{what}: merged weight", rtol=1e-5, atol=1e-5)
+        v.close(k("merged_y"), expected[k("y")], f"{what}: merged outputs", rtol=1e-5, atol=1e-5)
+        v.close(k("merged_twice"), expected[k("merged")], f"{what}: merging twice", rtol=1e-5, atol=1e-5)
+        v.close(k("unmerged"), w, f"{what}: unmerge", rtol=1e-5, atol=1e-5)
+        v.close(k("unmerged_y"), expected[k("y")], f"{what}: unmerged outputs", rtol=1e-5, atol=1e-5)
+        _flag(v, k("dropout_is_module"), True, f"{what}: self.dropout is an nn.Dropout")
+        v.close(k("dropped_y"), expected[k("base_y")], f"{what}: dropout on the adapter's input only",
                 rtol=1e-5, atol=1e-5)
 
 
 def qlora_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
-    """QLoRA layers (block 64, double quantization): fixed shapes, then a random one."""
+    """QLoRA layers (block 64, double quantization): fixed shapes, then a random one; and the
+    visible checks' layer (128 -> 8, r 4, alpha 8)."""
     cases = [(64, 4, 2, 4, True), (128, 8, 8, 16, False), (64, 64, 4, 4, True), (192, 3, 1, 2, True)]
     cases.append((64 * _int(gen, 1, 5), _int(gen, 1, 17), _int(gen, 1, 9), _choice(gen, (1, 2, 4, 8, 16, 32)),
                   bool(_int(gen, 0, 2))))
-    return _layer_inputs(gen, cases)
+    return _layer_inputs(gen, cases) | _visible_layer(128, 8, 4, 8)
 
 
 def qlora_expected(inputs: dict) -> dict[str, np.ndarray]:
     """qcore's QLoRA outputs with the given A and B and the gradients of their sum; the gradient
     reaching the input is ``1 @ (w_hat + scaling * B @ A)`` on every row (NF4 with double quantization)."""
     out = {}
-    for i in range(int(inputs["n_cases"])):
-        _, layer = _qcore_layer(lora.QLoRALinear, inputs, i)
-        xg = torch.from_numpy(inputs[f"x{i}"]).clone().requires_grad_(True)
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        _, layer = _qcore_layer(lora.QLoRALinear, inputs, case)
+        xg = torch.from_numpy(inputs[k("x")]).clone().requires_grad_(True)
         y = layer(xg)
         y.sum().backward()
-        w = torch.from_numpy(inputs[f"w{i}"])
-        w_eff = dequantize_nf4(*quantize_nf4(w, 64, double_quant=True)) + float(inputs[f"alpha{i}"]) / int(
-            inputs[f"r{i}"]) * (torch.from_numpy(inputs[f"B{i}"]) @ torch.from_numpy(inputs[f"A{i}"]))
-        out.update({f"y{i}": _np(y), f"grad_A{i}": _np(layer.lora_A.grad), f"grad_B{i}": _np(layer.lora_B.grad),
-                    f"grad_x{i}": _np((torch.ones(w.shape[0]) @ w_eff).expand(xg.shape))})
+        w = torch.from_numpy(inputs[k("w")])
+        w_eff = dequantize_nf4(*quantize_nf4(w, 64, double_quant=True)) + float(inputs[k("alpha")]) / int(
+            inputs[k("r")]) * (torch.from_numpy(inputs[k("B")]) @ torch.from_numpy(inputs[k("A")]))
+        out.update({k("y"): _np(y), k("grad_A"): _np(layer.lora_A.grad), k("grad_B"): _np(layer.lora_B.grad),
+                    k("grad_x"): _np((torch.ones(w.shape[0]) @ w_eff).expand(xg.shape))})
     return out
 
 
 def qlora_judge(v: Verdict, inputs, expected, answers) -> None:
-    for i in range(int(inputs["n_cases"])):
-        what, w = _what(inputs, i), inputs[f"w{i}"]
-        r, alpha = int(inputs[f"r{i}"]), float(inputs[f"alpha{i}"])
-        names = [answers.get(k) for k in (f"has_A{i}", f"has_B{i}", f"n_params{i}")]
-        v.true(f"n_params{i}", all(t is not None and t.size == 1 for t in names)
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        what, w = _what(inputs, case), inputs[k("w")]
+        r, alpha = int(inputs[k("r")]), float(inputs[k("alpha")])
+        names = [answers.get(k(name)) for name in ("has_A", "has_B", "n_params")]
+        v.true(k("n_params"), all(t is not None and t.size == 1 for t in names)
                and bool(names[0]) and bool(names[1]) and int(names[2]) == 2, f"{what}: parameters")
-        sizes = answers.get(f"float_sizes{i}")
-        v.true(f"float_sizes{i}", sizes is not None and sizes.ndim == 1 and bool((sizes < w.size).all()),
+        sizes = answers.get(k("float_sizes"))
+        v.true(k("float_sizes"), sizes is not None and sizes.ndim == 1 and bool((sizes < w.size).all()),
                f"{what}: a float copy of the weight is kept")
-        linears = answers.get(f"n_linear{i}")
-        v.true(f"n_linear{i}", linears is not None and linears.size == 1 and int(linears) == 0,
+        linears = answers.get(k("n_linear"))
+        v.true(k("n_linear"), linears is not None and linears.size == 1 and int(linears) == 0,
                f"{what}: the float base is kept")
-        s = v.got(f"scaling{i}")
-        v.true(f"scaling{i}", s is None or s.size == 1 and abs(float(s.reshape(())) - alpha / r) < 1e-12,
+        s = v.got(k("scaling"))
+        v.true(k("scaling"), s is None or s.size == 1 and abs(float(s.reshape(())) - alpha / r) < 1e-12,
                f"{what}: scaling")
-        b0 = v.got(f"init_B{i}")
-        v.true(f"init_B{i}", b0 is None or bool((b0 == 0).all()), f"{what}: B starts at zero")
-        _outputs_and_gradients(v, expected, i, what)
-        _flag(v, f"x_grad_none{i}", False, f"{what}: no gradient to the input")
-        v.close(f"grad_x{i}", expected[f"grad_x{i}"], f"{what}: the gradient reaching the input", rtol=1e-4, atol=1e-5)
+        b0 = v.got(k("init_B"))
+        v.true(k("init_B"), b0 is None or bool((b0 == 0).all()), f"{what}: B starts at zero")
+        _outputs_and_gradients(v, expected, case, what)
+        _flag(v, k("x_grad_none"), False, f"{what}: no gradient to the input")
+        v.close(k("grad_x"), expected[k("grad_x")], f"{what}: the gradient reaching the input", rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- parameters and memory
@@ -223,6 +259,8 @@ def qlora_judge(v: Verdict, inputs, expected, answers) -> None:
 def _llama_trainable(hidden, inter, heads, kv_heads, head_dim, layers, r, targets: tuple[str, ...]) -> int:
     # The modules themselves, not transformers' lazy top-level names: the grader judges in threads,
     # and two threads' first `from transformers import LlamaConfig` can race (an ImportError).
+    if not targets:  # nothing to adapt (qcore's add_lora refuses a model it would leave unchanged)
+        return 0
     from transformers.models.llama.configuration_llama import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
@@ -248,41 +286,58 @@ def arithmetic_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
         chosen = torch.rand(len(LINEARS), generator=gen) < 0.5
         chosen[_int(gen, 0, len(LINEARS))] = True  # at least one target
         cases.append((cfg, tuple(t for t, c in zip(LINEARS, chosen.tolist()) if c), _int(gen, 1, 65)))
-    out = {"n_cases": np.array(len(cases))}
-    for i, (cfg, targets, r) in enumerate(cases):
-        out.update({f"config{i}": np.array(cfg), f"targets{i}": np.array(",".join(targets)), f"r{i}": np.array(r)})
     mem = [(134_515_008, 0, 32, 32), (134_515_008, 460_800, 32, 32), (106_168_320, 4_884_480, 4.127, 32),
            (7_000_000, 1_000, 16, 16), (10, 3, 4.5, 32)]
     for _ in range(4):
         mem.append((_int(gen, 0, 10**10), _int(gen, 0, 10**8), _choice(gen, (2, 3, 4, 4.127, 4.5, 8, 16, 32)),
                     _choice(gen, (16, 32))))
-    out["n_memory"] = np.array(len(mem))
-    for i, case in enumerate(mem):
-        out[f"mem_in{i}"] = np.array(case, dtype=np.float64)
+    # The visible checks' cases: SmolLM2's shape, no target among them; their two memory plans.
+    smol = (576, 1536, 9, 3, 64, 30)
+    visible = [(smol, ("q_proj",), 8), (smol, ("q_proj", "v_proj"), 8), (smol, ("down_proj",), 1), (smol, (), 4)]
+    visible_mem = [(1000, 0, 32, 32), (1000, 10, 4.127, 32)]
+    out = {"n_cases": np.array(len(cases)), "n_visible": np.array(len(visible)), "n_memory": np.array(len(mem)),
+           "n_visible_memory": np.array(len(visible_mem))}
+    for prefix, configs, plans in (("", cases, mem), ("visible_", visible, visible_mem)):
+        for i, (cfg, targets, r) in enumerate(configs):
+            out.update({f"{prefix}config{i}": np.array(cfg), f"{prefix}targets{i}": np.array(",".join(targets)),
+                        f"{prefix}r{i}": np.array(r)})
+        for i, plan in enumerate(plans):
+            out[f"{prefix}mem_in{i}"] = np.array(plan, dtype=np.float64)
     return out
+
+
+def _memory_cases(inputs: dict) -> list[tuple[str, str]]:
+    return _cases(inputs, "n_memory", "n_visible_memory")
+
+
+def _targets(inputs: dict, case) -> tuple[str, ...]:
+    """The case's target names ("" is no target)."""
+    return tuple(t for t in str(inputs[_key(case, "targets")]).split(",") if t)
 
 
 def arithmetic_expected(inputs: dict) -> dict[str, np.ndarray]:
     out = {}
-    for i in range(int(inputs["n_cases"])):
-        cfg = [int(c) for c in inputs[f"config{i}"]]
-        targets = tuple(str(inputs[f"targets{i}"]).split(","))
-        out[f"trainable{i}"] = np.array(_llama_trainable(*cfg, int(inputs[f"r{i}"]), targets))
-    for i in range(int(inputs["n_memory"])):
-        frozen, trainable, fbits, tbits = inputs[f"mem_in{i}"].tolist()
-        out.update({f"weights{i}": np.array(frozen * fbits / 8 + trainable * tbits / 8),
-                    f"gradients{i}": np.array(trainable * tbits / 8), f"optimizer{i}": np.array(8.0 * trainable)})
+    for case in _cases(inputs):
+        cfg = [int(c) for c in inputs[_key(case, "config")]]
+        out[_key(case, "trainable")] = np.array(_llama_trainable(*cfg, int(inputs[_key(case, "r")]),
+                                                                 _targets(inputs, case)))
+    for case in _memory_cases(inputs):
+        frozen, trainable, fbits, tbits = inputs[_key(case, "mem_in")].tolist()
+        k = partial(_key, case)
+        out.update({k("weights"): np.array(frozen * fbits / 8 + trainable * tbits / 8),
+                    k("gradients"): np.array(trainable * tbits / 8), k("optimizer"): np.array(8.0 * trainable)})
     return out
 
 
 def arithmetic_judge(v: Verdict, inputs, expected, answers) -> None:
-    for i in range(int(inputs["n_cases"])):
-        what = f"config {i}, targets {str(inputs[f'targets{i}']).split(',')}"
-        v.equal(f"trainable{i}", expected[f"trainable{i}"], f"{what}: trainable parameters")
-        v.equal(f"trainable_tuple{i}", expected[f"trainable{i}"], f"{what}: targets as a tuple")
-    for i in range(int(inputs["n_memory"])):
-        for key in ("weights", "gradients", "optimizer"):
-            v.close(f"{key}{i}", expected[f"{key}{i}"], f"memory case {i}: {key}", rtol=1e-9, atol=1e-9)
+    for case in _cases(inputs):
+        what = f"{_case_name(case).replace('case', 'config')}, targets {list(_targets(inputs, case))}"
+        v.equal(_key(case, "trainable"), expected[_key(case, "trainable")], f"{what}: trainable parameters")
+        v.equal(_key(case, "trainable_tuple"), expected[_key(case, "trainable")], f"{what}: targets as a tuple")
+    for case in _memory_cases(inputs):
+        for name in ("weights", "gradients", "optimizer"):
+            v.close(_key(case, name), expected[_key(case, name)], f"memory {_case_name(case)}: {name}",
+                    rtol=1e-9, atol=1e-9)
 
 
 # ----------------------------------------------------------------------------- NF4
@@ -320,18 +375,25 @@ def nf4_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
             absmax[0] = 0.0
         out.update({f"dq_codes{i}": _np(torch.randint(0, 16, (n,), generator=gen).to(torch.uint8)),
                     f"dq_absmax{i}": _np(absmax.float())})
+    # The visible checks' case: three blocks of 64 (small, large, all zero), dequantized from their codes.
+    w = _far_from_midpoints(torch.cat([linspace(-1, 1, 64) * 0.01, linspace(-3, 3, 64), torch.zeros(64)]), 64)
+    packed, state = quantize_nf4(w.reshape(3, 64), 64)
+    out.update(n_visible=np.array(1), visible_w0=_np(w.reshape(3, 64)), visible_block0=np.array(64),
+               visible_dq_codes0=_np(unpack_int4(packed, (w.numel(),)).to(torch.uint8)),
+               visible_dq_absmax0=_np(state.absmax))
     return out
 
 
 def nf4_expected(inputs: dict) -> dict[str, np.ndarray]:
     out = {"codebook": _np(nf4_codebook())}
-    for i in range(int(inputs["n_cases"])):
-        w, bs = torch.from_numpy(inputs[f"w{i}"]), int(inputs[f"block{i}"])
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        w, bs = torch.from_numpy(inputs[k("w")]), int(inputs[k("block")])
         packed, state = quantize_nf4(w, bs)
-        out[f"codes{i}"] = _np(unpack_int4(packed, (w.numel(),)).to(torch.uint8))
-        out[f"absmax{i}"] = _np(state.absmax)
-        given = NF4State(w.shape, torch.float32, bs, absmax=torch.from_numpy(inputs[f"dq_absmax{i}"]))
-        out[f"w_hat{i}"] = _np(dequantize_nf4(pack_int4(torch.from_numpy(inputs[f"dq_codes{i}"])), given))
+        out[k("codes")] = _np(unpack_int4(packed, (w.numel(),)).to(torch.uint8))
+        out[k("absmax")] = _np(state.absmax)
+        given = NF4State(w.shape, torch.float32, bs, absmax=torch.from_numpy(inputs[k("dq_absmax")]))
+        out[k("w_hat")] = _np(dequantize_nf4(pack_int4(torch.from_numpy(inputs[k("dq_codes")])), given))
     return out
 
 
@@ -341,23 +403,43 @@ def nf4_judge(v: Verdict, inputs, expected, answers) -> None:
     v.close("codebook", expected["codebook"], "codebook differs", rtol=0, atol=1e-6)
     v.true("codebook", cb is None or cb.shape != (16,) or (cb[0], cb[7], cb[15]) == (-1.0, 0.0, 1.0),
            "codebook normalised to [-1, 1]")
-    for i in range(int(inputs["n_cases"])):
-        w, bs = inputs[f"w{i}"], int(inputs[f"block{i}"])
-        what = f"case {i} (shape {tuple(w.shape)}, block {bs})"
-        v.equal(f"absmax{i}", expected[f"absmax{i}"], f"{what}: absmax")
-        codes = answers.get(f"codes{i}")
-        v.true(f"codes{i}", codes is None or codes.dtype == np.uint8 and codes.size == w.size,
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        w, bs = inputs[k("w")], int(inputs[k("block")])
+        what = f"{_case_name(case)} (shape {tuple(w.shape)}, block {bs})"
+        v.equal(k("absmax"), expected[k("absmax")], f"{what}: absmax")
+        codes = answers.get(k("codes"))
+        v.true(k("codes"), codes is None or codes.dtype == np.uint8 and codes.size == w.size,
                f"{what}: codes uint8 [numel]")
-        v.equal(f"codes{i}", expected[f"codes{i}"], f"{what}: codes differ")
-        v.close(f"w_hat{i}", expected[f"w_hat{i}"], f"{what}: w_hat", rtol=1e-6, atol=0)
+        v.equal(k("codes"), expected[k("codes")], f"{what}: codes differ")
+        v.close(k("w_hat"), expected[k("w_hat")], f"{what}: w_hat", rtol=1e-6, atol=0)
     v.equal("w0_after", inputs["w0"], "nf4_quantize_blockwise changed its input")
 
 
 # ----------------------------------------------------------------------------- double quantization
+def _far_from_ties(absmax: torch.Tensor) -> torch.Tensor:
+    """Nudge absmax values whose (absmax - offset) / scale lies within 1e-3 of a .5 tie."""
+    n = absmax.numel()
+    for _ in range(8):
+        codes, scale, offset = _quantize_absmax(absmax)
+        r = torch.nn.functional.pad(absmax - offset, (0, (-n) % 256)).reshape(-1, 256) / scale.reshape(-1, 1)
+        near = ((r.reshape(-1)[:n] - torch.floor(r.reshape(-1)[:n])) - 0.5).abs() < 1e-3
+        if not bool(near.any()):
+            break
+        absmax = torch.where(near, absmax * (1 + 3e-3), absmax)
+    return absmax
+
+
+def _rebuild_inputs(prefix: str, i: int, codes, scale, offset) -> dict[str, np.ndarray]:
+    return {f"{prefix}rb_codes{i}": _np(codes), f"{prefix}rb_scale{i}": _np(scale),
+            f"{prefix}rb_offset{i}": _np(torch.as_tensor(offset, dtype=torch.float32))}
+
+
 def double_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
     """First-level absmax values (partial last group, one constant group, a wide spread, a random
     count), kept away from rounding ties; int8 codes, scales and offsets to rebuild; (block size,
-    double quantization) pairs for the bits per parameter."""
+    double quantization) pairs for the bits per parameter. The visible checks' two cases, rebuilt
+    from their own codes."""
     sizes = [256, 300, 1000, 5, 513, _int(gen, 1, 1200)]
     out = {"n_cases": np.array(len(sizes))}
     for i, n in enumerate(sizes):
@@ -366,52 +448,59 @@ def double_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
             absmax[256:512] = absmax[256:512].mean()  # a group that is (almost) constant
         if n == 1000:
             absmax[17] = 40 * absmax.max()  # one block with an outlier
-        for _ in range(8):  # keep (absmax - offset) / scale away from .5 ties
-            codes, scale, offset = _quantize_absmax(absmax)
-            r = torch.nn.functional.pad(absmax - offset, (0, (-n) % 256)).reshape(-1, 256) / scale.reshape(-1, 1)
-            near = ((r.reshape(-1)[:n] - torch.floor(r.reshape(-1)[:n])) - 0.5).abs() < 1e-3
-            if not bool(near.any()):
-                break
-            absmax = torch.where(near, absmax * (1 + 3e-3), absmax)
+        absmax = _far_from_ties(absmax)
         groups = -(-n // 256)
         scale = torch.rand(groups, generator=gen) * 10.0 ** torch.randint(-4, -1, (groups,), generator=gen)
         codes = torch.randint(-127, 128, (n,), generator=gen).to(torch.int8)
-        out.update({f"absmax{i}": _np(absmax), f"rb_codes{i}": _np(codes), f"rb_scale{i}": _np(scale),
-                    f"rb_offset{i}": _np(torch.rand((), generator=gen) * 100 * scale.max())})
+        out[f"absmax{i}"] = _np(absmax)
+        out |= _rebuild_inputs("", i, codes, scale, torch.rand((), generator=gen) * 100 * scale.max())
     bits = [(64, True), (64, False), (128, True), (32, False), (256, True), (4096, True)]
     bits += [(_int(gen, 8, 8193), bool(_int(gen, 0, 2))) for _ in range(3)]
     out["bits_in"] = np.array([[bs, dq] for bs, dq in bits], dtype=np.int64)
+    visible = [torch.tensor([1.0, 2.0, 3.0, 6.0]), torch.cat([torch.full((256,), 0.5), torch.tensor([0.5, 4.5])])]
+    out["n_visible"] = np.array(len(visible))
+    for j, absmax in enumerate(visible):
+        absmax = _far_from_ties(absmax)
+        out[f"visible_absmax{j}"] = _np(absmax)
+        out |= _rebuild_inputs("visible_", j, *_quantize_absmax(absmax))
+    out["visible_bits_in"] = np.array([[64, True], [64, False]], dtype=np.int64)
     return out
+
+
+def _bits(pairs) -> np.ndarray:
+    return np.array([4 + 8 / bs + 32 / (bs * 256) if dq else 4 + 32 / bs for bs, dq in pairs.tolist()])
 
 
 def double_expected(inputs: dict) -> dict[str, np.ndarray]:
     out = {}
-    for i in range(int(inputs["n_cases"])):
-        codes, scale, offset = _quantize_absmax(torch.from_numpy(inputs[f"absmax{i}"]))
-        rebuilt = _dequantize_absmax(*(torch.from_numpy(inputs[f"rb_{k}{i}"]) for k in ("codes", "scale", "offset")))
-        out.update({f"codes{i}": _np(codes), f"scale{i}": _np(scale), f"offset{i}": _np(offset),
-                    f"rebuilt{i}": _np(rebuilt)})
-    out["bits"] = np.array([4 + 8 / bs + 32 / (bs * 256) if dq else 4 + 32 / bs
-                            for bs, dq in inputs["bits_in"].tolist()])
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        codes, scale, offset = _quantize_absmax(torch.from_numpy(inputs[k("absmax")]))
+        rebuilt = _dequantize_absmax(*(torch.from_numpy(inputs[k(f"rb_{name}")]) for name in ("codes", "scale", "offset")))
+        out.update({k("codes"): _np(codes), k("scale"): _np(scale), k("offset"): _np(offset), k("rebuilt"): _np(rebuilt)})
+    out["bits"], out["visible_bits"] = _bits(inputs["bits_in"]), _bits(inputs["visible_bits_in"])
     return out
 
 
 def double_judge(v: Verdict, inputs, expected, answers) -> None:
-    for i in range(int(inputs["n_cases"])):
-        what = f"case {i} ({inputs[f'absmax{i}'].size} absmax values)"
-        v.close(f"offset{i}", expected[f"offset{i}"], f"{what}: offset", rtol=1e-6, atol=0)
-        v.close(f"scale{i}", expected[f"scale{i}"], f"{what}: scales (one per group of 256)", rtol=1e-5, atol=0)
-        codes = answers.get(f"codes{i}")
-        v.true(f"codes{i}", codes is None or codes.dtype == np.int8, f"{what}: codes are int8")
-        v.equal(f"codes{i}", expected[f"codes{i}"], f"{what}: codes")
-        v.close(f"rebuilt{i}", expected[f"rebuilt{i}"], f"{what}: rebuilt absmax", rtol=1e-5, atol=1e-7)
-    got = v.got("bits")
-    if got is not None and got.shape == expected["bits"].shape:
-        for j, ((bs, dq), want) in enumerate(zip(inputs["bits_in"].tolist(), expected["bits"].tolist())):
-            v.true("bits", bool(np.isclose(got[j], want, rtol=1e-9, atol=0)),
-                   f"bits per parameter, block {bs}, double {bool(dq)}")
-    elif got is not None:
-        v.fail("bits", "one number of bits per (block size, double quantization) pair")
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        what = f"{_case_name(case)} ({inputs[k('absmax')].size} absmax values)"
+        v.close(k("offset"), expected[k("offset")], f"{what}: offset", rtol=1e-6, atol=0)
+        v.close(k("scale"), expected[k("scale")], f"{what}: scales (one per group of 256)", rtol=1e-5, atol=0)
+        codes = answers.get(k("codes"))
+        v.true(k("codes"), codes is None or codes.dtype == np.int8, f"{what}: codes are int8")
+        v.equal(k("codes"), expected[k("codes")], f"{what}: codes")
+        v.close(k("rebuilt"), expected[k("rebuilt")], f"{what}: rebuilt absmax", rtol=1e-5, atol=1e-7)
+    for prefix in ("", "visible_"):
+        key, pairs, want = f"{prefix}bits", inputs[f"{prefix}bits_in"], expected[f"{prefix}bits"]
+        got = v.got(key)
+        if got is not None and got.shape == want.shape:
+            for j, ((bs, dq), w) in enumerate(zip(pairs.tolist(), want.tolist())):
+                v.true(key, bool(np.isclose(got[j], w, rtol=1e-9, atol=0)),
+                       f"bits per parameter, block {bs}, double {bool(dq)}")
+        elif got is not None:
+            v.fail(key, "one number of bits per (block size, double quantization) pair")
 
 
 # ----------------------------------------------------------------------------- int4
@@ -445,6 +534,17 @@ def int4_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
         noisy = w + randn(*shape, generator=gen) * 0.1 * w.abs().max()
         out.update({f"w{i}": _np(w), f"block{i}": np.array(bs), f"sq_x{i}": _np(noisy),
                     f"sq_xhat{i}": _np(_int4(noisy, bs))})
+    # The visible checks' cases: two blocks of 4 (exact ties), zeros, 64 x 64 normal numbers; the SQNR
+    # of [3, 4] against [3, 3], of no error, of the normal numbers against their int4 roundtrip.
+    normal = randn(64, 64, generator=torch.Generator().manual_seed(0))
+    visible = [(torch.tensor([7.0, -3.5, 0.5, 1.6, 0.14, 0.05, -0.03, 0.0]), 4, torch.tensor([3.0, 4.0]),
+                torch.tensor([3.0, 3.0])),
+               (torch.zeros(8), 4, torch.ones(3), torch.ones(3)),
+               (normal, 64, normal, _int4(normal, 64))]
+    out["n_visible"] = np.array(len(visible))
+    for j, (w, bs, x, x_hat) in enumerate(visible):
+        out.update({f"visible_w{j}": _np(w), f"visible_block{j}": np.array(bs), f"visible_sq_x{j}": _np(x),
+                    f"visible_sq_xhat{j}": _np(x_hat)})
     return out
 
 
@@ -455,20 +555,22 @@ def _int4(w: torch.Tensor, bs: int) -> torch.Tensor:
 
 def int4_expected(inputs: dict) -> dict[str, np.ndarray]:
     out = {}
-    for i in range(int(inputs["n_cases"])):
-        out[f"w_hat{i}"] = _np(_int4(torch.from_numpy(inputs[f"w{i}"]), int(inputs[f"block{i}"])))
-        x, x_hat = torch.from_numpy(inputs[f"sq_x{i}"]), torch.from_numpy(inputs[f"sq_xhat{i}"])
-        out[f"sqnr{i}"] = np.array(sqnr_db(x, x_hat))
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        out[k("w_hat")] = _np(_int4(torch.from_numpy(inputs[k("w")]), int(inputs[k("block")])))
+        x, x_hat = torch.from_numpy(inputs[k("sq_x")]), torch.from_numpy(inputs[k("sq_xhat")])
+        out[k("sqnr")] = np.array(sqnr_db(x, x_hat))
     out["sqnr_same"] = np.array(sqnr_db(torch.from_numpy(inputs["w0"]), torch.from_numpy(inputs["w0"])))
     return out
 
 
 def int4_judge(v: Verdict, inputs, expected, answers) -> None:
-    for i in range(int(inputs["n_cases"])):
-        w, bs = inputs[f"w{i}"], int(inputs[f"block{i}"])
-        what = f"case {i} (shape {tuple(w.shape)}, block {bs})"
-        v.close(f"w_hat{i}", expected[f"w_hat{i}"], f"{what}: w_hat", rtol=1e-6, atol=1e-9)
-        v.close(f"sqnr{i}", expected[f"sqnr{i}"], f"{what}: SQNR", rtol=1e-6)
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        w, bs = inputs[k("w")], int(inputs[k("block")])
+        what = f"{_case_name(case)} (shape {tuple(w.shape)}, block {bs})"
+        v.close(k("w_hat"), expected[k("w_hat")], f"{what}: w_hat", rtol=1e-6, atol=1e-9)
+        v.close(k("sqnr"), expected[k("sqnr")], f"{what}: SQNR", rtol=1e-6)
     v.close("sqnr_same", expected["sqnr_same"], "no error: infinite SQNR", rtol=1e-6)
 
 

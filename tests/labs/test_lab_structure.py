@@ -13,8 +13,8 @@ import re
 
 import pytest
 
-from harness import (REGION, REPO, Kernel, cell_of, discover_labs, grade_id, hidden_part, patched, region_owners, role,
-                     run_tests)
+from harness import (REGION, REPO, Kernel, cell_of, discover_labs, grade_id, hidden_part, patched, reference,
+                     region_owners, role, run_tests)
 from qcourse.codecheck import check_cells
 from qcourse.judge import early_bound_names, hidden_tests
 from qcore.checks import CheckFailed
@@ -158,3 +158,34 @@ def test_mutant_is_rejected(spec, ex, name, lab):
         except Exception:
             continue
         assert failures, f"{name}: passed the {'cell' if part is source else 'hidden part'}"
+
+
+def _judged_with_visible_case(spec, ex) -> bool:
+    test = hidden_tests(spec.name, REPO / "course").get(ex.tests_id)
+    return test is not None and any(k.startswith("visible") for k in reference(spec.name, test.file))
+
+
+VISIBLE_CASES = [(spec, ex, name) for spec, ex, name in CASES if _judged_with_visible_case(spec, ex)]
+
+
+@pytest.mark.parametrize("spec,ex,name", VISIBLE_CASES, ids=[f"{s.short}-{e.id}-{n}" for s, e, n in VISIBLE_CASES])
+def test_visible_case_fails_where_the_visible_checks_do(spec, ex, name, lab):
+    """A mistake the visible checks catch fails the judge on their own case too (the ``visible...``
+    answers): so a kernel that shows those checks passing while its answers fail them is reported as
+    lying (``qcourse.judge.Judgement.lied``), whatever it printed."""
+    source = cell_of(lab.master_nb, ex.tests_id).source
+    kernel = Kernel(lab.solved.ns)
+    kernel.run(ex.mutant(name))
+    try:
+        kernel.run(source.partition("### BEGIN HIDDEN TESTS")[0])
+    except Exception:  # a failed check, or an error on the way
+        pass
+    else:
+        pytest.skip("the visible checks pass this mistake (the hidden cases catch it)")
+    kernel = Kernel(lab.solved.ns)
+    kernel.run(ex.mutant(name))
+    try:
+        failures = run_tests(kernel, spec.name, ex.tests_id, hidden_part(source))
+    except Exception as e:  # a forbidden call: the ask gives no answers, which fails the cell anyway
+        pytest.skip(f"the hidden part raises ({type(e).__name__})")
+    assert any(key.startswith("visible") for key, _ in failures), failures[:3]
