@@ -50,6 +50,8 @@ class Outcome:
     message: str = ""
     seconds: float = 0.0
     sha256: str = ""
+    worker: str = ""    # what graded it: "local", or the Dask worker's address (qcourse.cluster)
+    sandbox: str = ""   # the sandbox mode it was graded in (qcourse.sandbox.mode())
 
 
 def _db_url(root: Path) -> str:
@@ -396,27 +398,58 @@ def record(outcome: Outcome, lab: str, course_root: Path) -> None:
         gb.db.commit()
 
 
-def _copy_back(work: Path, course_root: Path, lab: str, student: str) -> None:
-    for kind in ("autograded", "feedback"):
-        src = work / kind / student / lab
-        dst = course_root / kind / student / lab
-        if dst.exists():
-            shutil.rmtree(dst)
-        if src.is_dir():
-            shutil.copytree(src, dst)
+GRADED_FILES = ("autograded", "feedback")
 
 
-def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool = False,
-              course_root: Path = COURSE, timeout: float | None = None, log=print) -> list[Outcome]:
-    """Grade every submission (in parallel with ``jobs`` workers); returns outcomes by student.
+def graded_files(work: Path, lab: str, student: str) -> dict[str, bytes]:
+    """What grading one submission in ``work`` produced for the course folder, as data:
+    ``{"autograded/<student>/<lab>/<file>": bytes, "feedback/...": bytes}`` (a cluster worker
+    returns this; only the instructor's process writes it, with ``write_graded_files``)."""
+    files = {}
+    for kind in GRADED_FILES:
+        folder = work / kind / student / lab
+        for path in sorted(folder.rglob("*")) if folder.is_dir() else ():
+            if path.is_file() and not path.is_symlink():
+                files[path.relative_to(work).as_posix()] = path.read_bytes()
+    return files
 
-    Each submission is first copied into ``course/submitted/<student>/<lab>/``. Unchanged
-    submissions already graded are not graded again unless ``force``.
+
+def write_graded_files(course_root: Path, lab: str, student: str, files: dict[str, bytes]) -> None:
+    """Replace the student's autograded notebook and feedback in the course with ``files``.
+
+    Only paths under ``autograded/<student>/<lab>/`` and ``feedback/<student>/<lab>/`` are written:
+    the files come from a worker, and nothing it returns may land elsewhere in the course.
+
+    Example:
+        >>> import tempfile; root = Path(tempfile.mkdtemp())
+        >>> write_graded_files(root, "lab00", "ann", {"feedback/ann/lab00/lab00.html": b"<p>"})
+        >>> (root / "feedback/ann/lab00/lab00.html").read_bytes()
+        b'<p>'
+        >>> write_graded_files(root, "lab00", "ann", {"feedback/bo/lab00/x.html": b""})
+        Traceback (most recent call last):
+        ...
+        ValueError: refusing to write feedback/bo/lab00/x.html for ann's lab00
     """
-    course_root = Path(course_root)
+    allowed = {kind: Path(kind, student, lab) for kind in GRADED_FILES}
+    for name in files:
+        rel = Path(name)
+        if rel.is_absolute() or ".." in rel.parts or not any(p in rel.parents for p in allowed.values()):
+            raise ValueError(f"refusing to write {name} for {student}'s {lab}")
+    for folder in allowed.values():
+        if (course_root / folder).exists():
+            shutil.rmtree(course_root / folder)
+    for name, data in files.items():
+        (course_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (course_root / name).write_bytes(data)
+
+
+def to_grade(submissions: dict[str, Path], lab: str, course_root: Path, force: bool) -> tuple[dict, dict]:
+    """``(todo, done)``: each submission copied into ``course/submitted/<student>/<lab>/``; ``todo``
+    maps the students to grade to that copy, ``done`` holds the outcomes kept from an earlier run
+    of the same notebook (same sha256; none when ``force``)."""
     states = state_dir(course_root, lab)
     states.mkdir(parents=True, exist_ok=True)
-    todo, outcomes = {}, {}
+    todo, done = {}, {}
     for sid, src in submissions.items():
         nb = course_root / "submitted" / sid / lab / f"{lab}.ipynb"  # the import: a copy kept
         if Path(src).resolve() != nb.resolve():
@@ -427,10 +460,40 @@ def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool
         if not force and state.is_file():
             previous = Outcome(**json.loads(state.read_text()))
             if previous.sha256 == digest:
-                outcomes[sid] = previous
+                done[sid] = previous
                 continue
         todo[sid] = nb
-    if todo:
+    return todo, done
+
+
+def keep(outcome: Outcome, files: dict[str, bytes], lab: str, course_root: Path, log=print) -> None:
+    """Record one outcome: the course gradebook, the student's files, the state that spares an
+    unchanged notebook a regrade, a log line. Only the instructor's process calls this, one at a time."""
+    record(outcome, lab, course_root)
+    write_graded_files(course_root, lab, outcome.student, files)
+    (state_dir(course_root, lab) / f"{outcome.student}.json").write_text(json.dumps(asdict(outcome), indent=1))
+    log(f"  {outcome.student}: {outcome.status}, {outcome.score:g}/{outcome.max_score:g}"
+        f" ({outcome.seconds:.1f} s){' - ' + outcome.message if outcome.message else ''}")
+
+
+def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool = False,
+              course_root: Path = COURSE, timeout: float | None = None, log=print,
+              cluster: str | None = None, cluster_timeout: float = 20.0) -> list[Outcome]:
+    """Grade every submission (in parallel with ``jobs`` workers); returns outcomes by student.
+
+    Each submission is first copied into ``course/submitted/<student>/<lab>/``. Unchanged
+    submissions already graded are not graded again unless ``force``. With ``cluster`` (a Dask
+    scheduler's address or scheduler file) the workers of that scheduler grade instead
+    (``qcourse.cluster``); this process still records every outcome.
+    """
+    course_root = Path(course_root)
+    todo, outcomes = to_grade(submissions, lab, course_root, force)
+    if todo and cluster:
+        from qcourse.cluster import grade_on_cluster
+
+        outcomes.update(grade_on_cluster(cluster, todo, lab, course_root, timeout, log=log,
+                                         connect_timeout=cluster_timeout))
+    elif todo:
         with tempfile.TemporaryDirectory(prefix="qcourse-grade-") as tmp:
             template = Path(tmp) / "template"
             # the course gradebook must know the lab before outcomes are recorded in it; the template
@@ -442,14 +505,13 @@ def autograde(submissions: dict[str, Path], lab: str, jobs: int = 1, force: bool
 
             def work(item):
                 sid, nb = item
-                return grade_one(lab, sid, nb, template, Path(tmp) / "work" / sid, timeout, course_root)
+                outcome = grade_one(lab, sid, nb, template, Path(tmp) / "work" / sid, timeout, course_root)
+                outcome.worker, outcome.sandbox = "local", sandbox.mode()
+                return outcome
 
             with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
                 for outcome in pool.map(work, sorted(todo.items())):
-                    record(outcome, lab, course_root)  # one writer: the parent, one at a time
-                    _copy_back(Path(tmp) / "work" / outcome.student, course_root, lab, outcome.student)
-                    (states / f"{outcome.student}.json").write_text(json.dumps(asdict(outcome), indent=1))
+                    files = graded_files(Path(tmp) / "work" / outcome.student, lab, outcome.student)
+                    keep(outcome, files, lab, course_root, log)  # one writer: the parent, one at a time
                     outcomes[outcome.student] = outcome
-                    log(f"  {outcome.student}: {outcome.status}, {outcome.score:g}/{outcome.max_score:g}"
-                        f" ({outcome.seconds:.1f} s){' - ' + outcome.message if outcome.message else ''}")
     return [outcomes[s] for s in sorted(outcomes)]

@@ -129,18 +129,31 @@ def _autograde(args) -> int:
     with tempfile.TemporaryDirectory(prefix="qcourse-import-") as tmp:
         folder = submissions.extract_zip(src, Path(tmp)) if src.is_file() else src
         found = submissions.collect(folder, lab)
-        print(f"autograding {len(found)} submissions of {lab} with {args.jobs} jobs")
+        where = f"on the Dask cluster at {args.cluster}" if args.cluster else f"with {args.jobs} jobs"
+        print(f"autograding {len(found)} submissions of {lab} {where}")
         _warn_if_not_judged(lab, args.course)
-        outcomes = autograde(found, lab, jobs=args.jobs, force=args.force, course_root=args.course,
-                             timeout=args.timeout)
+        if args.cluster:
+            from qcourse.cluster import ClusterError as cluster_error
+        else:  # qcourse.cluster (and dask) load only for a cluster run; an empty tuple catches nothing
+            cluster_error = ()
+        try:
+            outcomes = autograde(found, lab, jobs=args.jobs, force=args.force, course_root=args.course,
+                                 timeout=args.timeout, cluster=args.cluster, cluster_timeout=args.cluster_timeout)
+        except cluster_error as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     max_points = {e.grade_id: float(e.points) for e in exercises(load_master(find_masters(args.course)[lab]))}
     from qcourse.sandbox import mode
 
     if mode() != "bubblewrap":
         print("WARNING: bubblewrap is missing or refused here: submissions were graded with resource "
               "limits only (no filesystem or network isolation). Install it: apt-get install bubblewrap")
-    report = write_report(outcomes, lab, args.course / "reports" / lab, max_points, mode=mode())
-    print(f"grades: {report.parent / 'grades.csv'}\nreport: {report}")
+    modes = sorted({o.sandbox for o in outcomes if o.sandbox}) or [mode()]
+    report = write_report(outcomes, lab, args.course / "reports" / lab, max_points, mode=", ".join(modes),
+                          lms=args.gradebook_format, assignment=args.assignment_name or lab)
+    print(f"grades: {report.parent / 'grades.csv'}"
+          + "".join(f", {report.parent / f'grades-{lms}.csv'}" for lms in args.gradebook_format)
+          + f"\nreport: {report}")
     return 0
 
 
@@ -183,6 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="grade again even unchanged submissions")
     p.add_argument("--timeout", type=float, help="wall-time limit per submission in s (default: "
                    "QCourseSandbox.wall_seconds in nbgrader_config.py)")
+    p.add_argument("--cluster", metavar="ADDRESS", help="grade on the workers of this Dask scheduler "
+                   "(tcp://host:port or a scheduler file; needs the cluster extra; see docs/cluster-grading.md)")
+    p.add_argument("--cluster-timeout", type=float, default=20.0, metavar="S",
+                   help="seconds to reach the scheduler before giving up (default: %(default)s)")
+    p.add_argument("--gradebook-format", action="append", default=[], choices=("canvas", "moodle"),
+                   help="also write grades-<format>.csv in the column layout that LMS imports (repeatable)")
+    p.add_argument("--assignment-name", help="the assignment's column in those files (default: the lab; for "
+                   "Canvas, the assignment as its gradebook export names it, e.g. 'Lab 1 (12345)')")
     p.set_defaults(func=_autograde)
     args = parser.parse_args(argv)
     if args.version:
