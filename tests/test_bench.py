@@ -48,3 +48,14 @@ def test_judging_bench_grades_both_versions():
         pytest.skip(out.stderr.strip())
     assert out.returncode in (0, 1), out.stderr[-2000:]
     assert "| lab01_precision_formats |" in out.stdout and "target: judged" in out.stdout, out.stdout
+
+
+@pytest.mark.slow
+def test_cluster_bench_grades_the_class_both_ways():
+    """Two students of lab 1 graded locally and on a real Dask cluster of two workers, with equal
+    grades (the script exits 2 otherwise); the ratio and overhead are `make bench`'s to judge."""
+    pytest.importorskip("distributed")
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_cluster.py"), "--students", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode in (0, 1), out.stdout + out.stderr[-2000:]
+    assert "| local, 1 job |" in out.stdout and "grades equal to local: yes" in out.stdout, out.stdout
