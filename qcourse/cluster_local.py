@@ -27,6 +27,7 @@ class LocalCluster:
     as an instructor would start them, with the course's preload; stopped by their own PIDs."""
 
     def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
         self.root, self.scheduler_file, self.workers = root, root / "scheduler.json", {}
         self.scheduler = self._start(["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
                                       "--scheduler-file", str(self.scheduler_file)], root / "scheduler.log")
