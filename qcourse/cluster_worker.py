@@ -200,7 +200,10 @@ def _unpack(lab: str, bundle: bytes, local_directory: str) -> tuple[Path, Path]:
     from qcourse.autograde import prepare_assignment
 
     scratch = Path(local_directory, "qcourse", f"{lab}-{hashlib.sha256(bundle).hexdigest()[:16]}")
-    course, template = scratch / "course", scratch / "template"
+    # the assignment inside the course: the box hides the course (grade_one's course_root), so the
+    # kernel sees neither wherever the worker's local directory is (not only under /tmp or home)
+    course = scratch / "course"
+    template = course / ".assignment"
     with _PREPARING:  # a worker with several threads prepares the assignment once
         if not (template / ".ready").is_file():
             with tarfile.open(fileobj=io.BytesIO(bundle), mode="r:gz") as tar:
