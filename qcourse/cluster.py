@@ -112,7 +112,6 @@ def grade_on_cluster(address: str, todo: dict[str, Path], lab: str, course_root:
     client = connect(address, connect_timeout)
     outcomes: dict[str, Outcome] = {}
     try:
-        prepare_assignment(lab, course_root, course_root)  # the course gradebook must know the lab
         expected = facts()
         resource = "qcourse_grader_" + hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:12]
         client.register_plugin(GraderCheck(expected, resource))
@@ -126,6 +125,9 @@ def grade_on_cluster(address: str, todo: dict[str, Path], lab: str, course_root:
             key = f"qcourse-grade-{lab}-{sid}-{expected_sha[sid][:16]}"
             futures[client.submit(grade_submission, lab, sid, data, bundle_task, timeout, key=key,
                                   resources={resource: 1})] = sid
+        # the course gradebook must know the lab before the first outcome is kept: prepared while
+        # the workers start on the first submissions, not before
+        prepare_assignment(lab, course_root, course_root)
         with client.as_current():  # distributed.wait looks for the current client
             _grade_until_done(client, distributed, futures, expected_sha, resource, lab, course_root, outcomes,
                               log, wait_for_workers, address, tqdm)

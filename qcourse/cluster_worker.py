@@ -141,6 +141,8 @@ def check_report(resource: str, dask_worker=None) -> list[str] | None:
 def dask_setup(worker) -> None:
     """``dask worker ... --preload qcourse.cluster_worker``: say at start what this worker grades with
     and what it lacks against its own environment (the instructor's check follows when it connects)."""
+    import qcourse.autograde  # noqa: F401  what every grading task imports (torch, the judge): paid at start, not by the first submission
+
     have = facts()
     problems = can_grade({**have, "sandbox": "bubblewrap"})
     if not have["models"]:
