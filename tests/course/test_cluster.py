@@ -4,7 +4,10 @@ mid-submission; an unreachable scheduler or a missing ``distributed`` is a clear
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -150,6 +153,49 @@ def test_a_worker_killed_mid_submission_loses_nothing(cluster, course, submissio
     assert sorted(recorded) == sorted(local_grades), lines  # each submission recorded exactly once
     states = {p.stem: json.loads(p.read_text())["worker"] for p in state_dir(root, LAB).glob("*.json")}
     assert set(states) == set(local_grades)
+
+
+@pytest.mark.slow  # about 30 s: half a class on one worker, then the rest locally
+def test_a_scheduler_that_goes_away_ends_the_run_and_a_rerun_grades_the_rest(course, submissions, local_grades,
+                                                                              tmp_path):
+    from qcourse.cluster import ClusterError
+
+    root = _copy(course, tmp_path / "course")
+    cluster = LocalCluster(tmp_path / "dask")
+    result = {}
+
+    def grade():
+        try:
+            autograde(collect(submissions, LAB), LAB, course_root=root, cluster=str(cluster.scheduler_file),
+                      log=lambda *_: None)
+        except ClusterError as e:
+            result["error"] = str(e)
+
+    try:
+        cluster.add_worker("w1")
+        cluster.wait_for(1)
+        run = threading.Thread(target=grade)
+        run.start()
+        deadline = time.monotonic() + 120
+        while not list(state_dir(root, LAB).glob("*.json")) and time.monotonic() < deadline and run.is_alive():
+            time.sleep(0.1)
+        os.kill(cluster.scheduler.pid, signal.SIGKILL)  # the scheduler's machine is gone
+        run.join(timeout=120)
+        assert not run.is_alive()
+    finally:
+        cluster.stop()
+    kept = {p.stem for p in state_dir(root, LAB).glob("*.json")}
+    assert 1 <= len(kept) < len(local_grades), kept
+    assert "went away" in result.get("error", "") and "run the same command again" in result["error"], result
+    said = re.search(r"(\d+) of (\d+) submissions were graded and recorded", result["error"])
+    assert said and int(said[1]) == len(kept) < int(said[2]), result
+    assert set(_gradebook(root)) >= kept
+    lines = []
+    again = autograde(collect(submissions, LAB), LAB, jobs=1, course_root=root, log=lines.append)  # locally, the rest
+    assert _grades(again) == local_grades
+    graded_now = {ln.split(":")[0].strip() for ln in lines if ln.startswith("  ") and ":" in ln}
+    assert not graded_now & kept, lines  # what was recorded is not graded again
+    assert _gradebook(root) == {sid: g[1] for sid, g in local_grades.items()}
 
 
 def test_an_unreachable_scheduler_is_a_clear_error_and_records_nothing(course, submissions, tmp_path):
