@@ -1,6 +1,6 @@
 """Cluster grading: a class of N graded locally with 1 job against a Dask cluster of 2 single-threaded workers.
 
-Usage: ``python bench/bench_cluster.py [--lab LAB] [--students 8]``. Starts ``dask scheduler`` and two
+Usage: ``python bench/bench_cluster.py [--lab LAB] [--students 16]``. Starts ``dask scheduler`` and two
 ``dask worker --nthreads 1`` on 127.0.0.1 (``qcourse.cluster_local``), grades in scratch copies of
 the course (the real gradebook is not touched). Half the class hands in the solution, half the
 untouched notebook. The cluster's time counts everything an instructor waits for: connecting,
@@ -54,7 +54,7 @@ def _course(tmp: Path, name: str, secret: bytes) -> Path:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lab", default="lab01_precision_formats")
-    parser.add_argument("--students", type=int, default=8)
+    parser.add_argument("--students", type=int, default=16)  # at 8, the fixed costs weigh too much
     args = parser.parse_args(argv)
     quiet = lambda *_: None  # noqa: E731
     with tempfile.TemporaryDirectory() as tmp:
