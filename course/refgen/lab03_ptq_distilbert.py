@@ -64,6 +64,18 @@ def _t(inputs: dict, key: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(inputs[key]))
 
 
+def _with_state(model: nn.Module, state: dict | None) -> nn.Module:
+    """``model`` in eval mode, with ``state`` (arrays by parameter name) loaded when given."""
+    if state is not None:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
+    return model.eval()
+
+
+def _state(inputs: dict, prefix: str) -> dict:
+    """The arrays of ``inputs`` whose keys start with ``prefix``, by the rest of their key."""
+    return {k[len(prefix):]: v for k, v in inputs.items() if k.startswith(prefix)}
+
+
 # ----------------------------------------------------------------------------- exercise 1
 WEIGHT_ONLY_CASES = [(16, 256, 8, 0, True), (8, 256, 4, 128, True), (6, 64, 4, 32, False), (5, 96, 3, 32, True),
                      (7, 128, 8, 64, True), (3, 40, 8, 0, False), (4, 384, 4, 128, True), (2, 8, 2, 4, True)]
@@ -229,9 +241,7 @@ def dynamic_judge(v: Verdict, inputs, expected, answers) -> None:
 def static_model(state: dict | None = None) -> nn.Sequential:
     """The calibration test model; layers "0", "2", "4" are the Linear ones."""
     model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 5), nn.LayerNorm(5), nn.Linear(5, 3))
-    if state is not None:
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    return model.eval()
+    return _with_state(model, state)
 
 
 STATIC_CASES = [(6, 32, 5, 0.05, True), (1, 16, 3, 0.01, True), (9, 64, 7, 0.2, False), (4, 128, 4, 0.003, True)]
@@ -279,13 +289,11 @@ def static_inputs(gen: torch.Generator) -> dict:
 def visible_static_model(state: dict | None = None) -> nn.Sequential:
     """The visible checks' calibration net; layers "0" and "2" are the Linear ones."""
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
-    if state is not None:
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    return model.eval()
+    return _with_state(model, state)
 
 
 def static_expected(inputs: dict) -> dict:
-    model = static_model({k[6:]: v for k, v in inputs.items() if k.startswith("state.")})
+    model = static_model(_state(inputs, "state."))
     batches = [_t(inputs, f"batch{j}") for j in range(int(inputs["n_batches"]))]
     absmax = input_absmax(model, ["0", "2", "4"], lambda m: [m(b) for b in batches])
     with torch.no_grad():
@@ -302,7 +310,7 @@ def static_expected(inputs: dict) -> dict:
     qx = torch.round(_t(inputs, "visible_x_in") / sx).clamp(-127, 127).to(torch.int8)
     out["visible_y_in"] = _np(int8_linear(qx, sx, _t(inputs, "visible_qw"), _t(inputs, "visible_sw"),
                                           _t(inputs, "visible_bias")))
-    net = visible_static_model({k[14:]: v for k, v in inputs.items() if k.startswith("visible_state.")})
+    net = visible_static_model(_state(inputs, "visible_state."))
     batches = [_t(inputs, "visible_batch0"), _t(inputs, "visible_batch1")]
     out.update({f"visible_absmax.{n}": _np(a)
                 for n, a in input_absmax(net, ["0", "2"], lambda m: [m(b) for b in batches]).items()})
@@ -458,9 +466,7 @@ def sensitivity_model(state: dict | None = None) -> nn.Sequential:
     """Layers "0.0", "1" and "3" are Linear; "0.0" sits one level down (a nested name)."""
     model = nn.Sequential(nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 16), nn.Tanh(),
                           nn.Linear(16, 4))
-    if state is not None:
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    return model.eval()
+    return _with_state(model, state)
 
 
 def sensitivity_inputs(gen: torch.Generator) -> dict:
@@ -486,9 +492,7 @@ VISIBLE_SENSITIVITY_NAMES = ["0", "2", "4"]
 
 def visible_sensitivity_model(state: dict | None = None) -> nn.Sequential:
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
-    if state is not None:
-        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-    return model.eval()
+    return _with_state(model, state)
 
 
 def quantized_4bit(lin: nn.Linear) -> QuantLinear:
@@ -503,7 +507,7 @@ def top_indices(values: np.ndarray, k: int) -> np.ndarray:
 
 
 def sensitivity_expected(inputs: dict) -> dict:
-    model = sensitivity_model({k[6:]: v for k, v in inputs.items() if k.startswith("state.")})
+    model = sensitivity_model(_state(inputs, "state."))
     x = _t(inputs, "x")
     with torch.no_grad():
         ref = model(x)
@@ -513,7 +517,7 @@ def sensitivity_expected(inputs: dict) -> dict:
     for k in inputs["rank_k"].tolist():
         out[f"rank_top{k}"] = top_indices(inputs["rank_values"], k)
     out["visible_top2"] = top_indices(inputs["visible_values"], 2)
-    model = visible_sensitivity_model({k[14:]: v for k, v in inputs.items() if k.startswith("visible_state.")})
+    model = visible_sensitivity_model(_state(inputs, "visible_state."))
     x = _t(inputs, "visible_x")
     with torch.no_grad():
         ref = model(x)
