@@ -187,6 +187,9 @@ class Lab:
     # these code cells only (by index among the code cells); the whole notebook in the slow tests.
     setup_cells: tuple[int, ...] | None = None
     one_thread: bool = False  # the fast tests on one thread (tests/conftest.py)
+    # Decimal numbers the prose states that no output of the executed solution prints, each with
+    # why (a seed's or a paper's figure, theory, a version): every other one must be printed.
+    unprinted_numbers: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def short(self) -> str:
@@ -272,3 +275,48 @@ class LabRun:
     def whole(self) -> Kernel:
         """The whole master run top to bottom."""
         return self.solved if not self.spec.partial else self.run_master(whole=True)
+
+
+# ----------------------------------------------------------------------------- prose against outputs
+# A decimal number: "13.78", "-0.17", "1.78x" (the "x" is not part of it), "3.4e38"; not a version
+# inside a longer dotted run ("1.2.3") nor part of a word or a code span.
+_DECIMAL = re.compile(r"(?<![\w.])[-−]?\d+\.\d+(?:e[-+]?\d+)?(?![\w.]*\.\d)")
+
+
+def prose_numbers(nb) -> list[tuple[int, str, str]]:
+    """(cell index, number, context) of each decimal number the markdown states, code spans, links
+    and formulas left out (they are code or addresses, not measurements).
+
+    Example:
+        >>> import nbformat
+        >>> nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        ...     "FP32 takes 1.78x the time of `x = 0.5`; see [it](https://x.org/2211.10438), -0.17 to 20.3.")])
+        >>> [n for _, n, _ in prose_numbers(nb)]
+        ['1.78', '-0.17', '20.3']
+    """
+    found = []
+    for i, cell in enumerate(nb.cells):
+        if cell.cell_type != "markdown":
+            continue
+        text = re.sub(r"`[^`]*`|\]\([^)]*\)|https?://\S+|\$[^$]*\$", " ", cell.source)
+        for m in _DECIMAL.finditer(text):
+            found.append((i, m.group().replace("−", "-"), " ".join(text[max(0, m.start() - 50):m.end() + 20].split())))
+    return found
+
+
+def printed_numbers(nb) -> set[str]:
+    """Every decimal number the code cells' text outputs show (streams and text/plain results).
+
+    Example:
+        >>> import nbformat
+        >>> cell = nbformat.v4.new_code_cell("", outputs=[nbformat.v4.new_output("stream", text="SQNR 21.66 dB, -0.17\\n")])
+        >>> sorted(printed_numbers(nbformat.v4.new_notebook(cells=[cell])))
+        ['-0.17', '21.66']
+    """
+    out = set()
+    for cell in nb.cells:
+        for o in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            texts = [o.get("text", "")] + [v for k, v in o.get("data", {}).items() if k == "text/plain"]
+            for text in texts:
+                out.update(m.group().replace("−", "-") for m in _DECIMAL.finditer("".join(text)))
+    return out

@@ -13,8 +13,8 @@ import re
 
 import pytest
 
-from harness import (REGION, REPO, Kernel, cell_of, discover_labs, grade_id, hidden_part, patched, reference,
-                     region_owners, role, run_tests)
+from harness import (REGION, REPO, Kernel, cell_of, discover_labs, grade_id, hidden_part, patched, printed_numbers,
+                     prose_numbers, reference, region_owners, role, run_tests)
 from qcourse.codecheck import check_cells
 from qcourse.judge import early_bound_names, hidden_tests
 from qcore.checks import CheckFailed
@@ -35,6 +35,22 @@ def test_solution_runs_quietly(lab):
     assert out.count("all visible checks passed") == len(lab.spec.exercises)
     for text in lab.spec.printouts:  # the seeds' and the tutorial's printouts, reproduced
         assert text in out
+
+
+@each_lab
+def test_prose_quotes_the_numbers_the_run_printed(spec):
+    """Each decimal number of the committed solution's prose is one its outputs print (the run
+    that `qcourse build` recorded), or one the spec lists with the reason it is not printed."""
+    import nbformat
+
+    nb = nbformat.read(REPO / "solutions" / f"{spec.name}.ipynb", as_version=4)
+    printed = {n.lstrip("-") for n in printed_numbers(nb)}
+    stale = [f"cell {i}: {n} in '...{context}...'" for i, n, context in prose_numbers(nb)
+             if n.lstrip("-") not in printed and n not in spec.unprinted_numbers]
+    assert not stale, "prose states numbers no output prints (rebuild, fix the prose, or list them " \
+                      "with their reason under unprinted_numbers in the spec):\n" + "\n".join(stale)
+    unused = set(spec.unprinted_numbers) - {n for _, n, _ in prose_numbers(nb)}
+    assert not unused, f"unprinted_numbers the prose no longer states: {sorted(unused)}"
 
 
 # ----------------------------------------------------------------------------- structure, release
