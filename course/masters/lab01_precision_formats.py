@@ -7,7 +7,8 @@
 # 1. split a number into its sign, exponent and mantissa bits, and rebuild it;
 # 2. derive a format's range and precision from its layout;
 # 3. round FP32 to BF16 by hand, bit for bit like PyTorch for every number (NaN is special, see there);
-# 4. count the bytes of a model in each format.
+# 4. count the bytes of a model in each format;
+# 5. round to any format (FP16, FP8, and ones no library ships) the way torch's casts do.
 #
 # Each exercise is a function to complete between the markers, followed by a test cell. The test
 # cell checks your function on a few examples; the grader runs more tests (other inputs, edge
@@ -29,7 +30,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from qcore.formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, decompose, memory_bytes, round_to_format
+import qcore.formats
+from qcore.formats import BF16, FP8_E4M3, FP8_E5M2, FP16, FP32, decompose, memory_bytes
 
 # (exponent bits E, mantissa bits M) of the three formats the exercises handle, and the signed
 # integer type of the same width, used to look at the raw bits.
@@ -73,7 +75,7 @@ def draw_layout(ax, value: float, fmt, row: float) -> None:
     for i, (b, c) in enumerate(zip(bits, colours)):
         ax.add_patch(plt.Rectangle((i, row), 0.95, 0.8, color=c, alpha=0.35))
         ax.text(i + 0.47, row + 0.4, str(b), ha="center", va="center", fontsize=8)
-    stored = round_to_format(torch.tensor([value]), fmt).item()
+    stored = qcore.formats.round_to_format(torch.tensor([value]), fmt).item()
     ax.text(-0.5, row + 0.4, f"{fmt.name}", ha="right", va="center", fontsize=10)
     ax.text(len(bits) + 0.5, row + 0.4, f"{stored!r}", ha="left", va="center", fontsize=9)
 
@@ -245,27 +247,30 @@ def all_positive_values(dtype: torch.dtype, n_bits: int) -> torch.Tensor:
     return torch.unique(v[torch.isfinite(v) & (v > 0)])
 
 
-fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
-for name, dtype, n_bits in (("FP16", torch.float16, 16), ("BF16", torch.bfloat16, 16),
-                            ("FP8 E4M3", torch.float8_e4m3fn, 8), ("FP8 E5M2", torch.float8_e5m2, 8)):
-    v = all_positive_values(dtype, n_bits)
-    gap = v[1:] - v[:-1]
-    ax1.loglog(v[:-1], gap, ".", ms=2, label=name)
-    ax2.loglog(v[:-1], gap / v[:-1], ".", ms=2, label=name)
+fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
 x32 = torch.logspace(-44, 38, 4000, dtype=torch.float64).to(torch.float32)
 x32 = x32[(x32 > 0) & torch.isfinite(x32)]
 gap32 = (torch.nextafter(x32, torch.tensor(math.inf)) - x32).double()
-ax1.loglog(x32.double(), gap32, ".", ms=2, label="FP32")
-ax2.loglog(x32.double(), gap32 / x32.double(), ".", ms=2, label="FP32")
-ax1.set(xlabel="|x|", ylabel="gap to the next value", title="Absolute spacing")
-ax2.set(xlabel="|x|", ylabel="gap / |x|", title="Relative spacing (flat = normal range)")
-ax1.legend(markerscale=5)
-ax2.legend(markerscale=5)
-plt.tight_layout()
+curves = [("FP32", x32.double(), gap32)]
+for name, dtype, n_bits in (("FP16", torch.float16, 16), ("BF16", torch.bfloat16, 16),
+                            ("FP8 E4M3", torch.float8_e4m3fn, 8), ("FP8 E5M2", torch.float8_e5m2, 8)):
+    v = all_positive_values(dtype, n_bits)
+    curves.append((name, v[:-1], v[1:] - v[:-1]))
+for name, v, gap in curves:
+    axes[0].loglog(v, gap, ".", ms=2, label=name)
+    for ax in axes[1:]:
+        ax.loglog(v, gap / v, ".", ms=2)
+axes[0].set(xlabel="|x|", ylabel="gap to the next value", title="Absolute spacing (80 decades)")
+axes[1].set(xlabel="|x|", ylabel="gap / |x|", title="Relative spacing (flat = normal range)")
+# The zoom: the range of the 8- and 16-bit formats, where the two FP8s and FP16 are more than slivers.
+axes[2].set(xlim=(2.0**-26, 2.0**17), ylim=(2.0**-25, 2.0), xlabel="|x|", ylabel="gap / |x|",
+            title="Zoom: 2**-26 to 2**17")
+fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=5, markerscale=6, frameon=False)
+fig.tight_layout(rect=(0, 0.07, 1, 1))
 plt.show()
 
 # %% [markdown]
-# The flat bands of the right plot are the normal ranges: there each format has a constant
+# The flat bands of the relative plots are the normal ranges: there each format has a constant
 # relative precision of about `2**-M`. The rising left ends are the subnormals; each curve stops at
 # the format's largest value. Rounding to the nearest value therefore costs at most half a gap, a
 # relative error of at most `2**-(M+1)` in the normal range. Random values spread over
@@ -277,7 +282,7 @@ x = torch.exp2(torch.empty(100_000).uniform_(-6, 8, generator=gen))
 fig, ax = plt.subplots(figsize=(10, 4))
 bins = np.logspace(-10, 0, 101)
 for fmt, colour in ((FP16, "tab:blue"), (BF16, "tab:orange"), (FP8_E4M3, "tab:green"), (FP8_E5M2, "tab:red")):
-    rel = ((round_to_format(x, fmt) - x).abs() / x).numpy()
+    rel = ((qcore.formats.round_to_format(x, fmt) - x).abs() / x).numpy()
     ax.hist(rel[rel > 0], bins=bins, histtype="step", color=colour,
             label=f"{fmt.name} (M={fmt.mantissa_bits})")
     ax.axvline(2.0 ** -(fmt.mantissa_bits + 1), color=colour, ls="--", lw=1)
@@ -290,18 +295,19 @@ plt.show()
 # %% [markdown]
 # ### Exercise 3: limits from the layout (2 points)
 #
-# From `E`, `M` and `bias = 2**(E-1) - 1`, complete `format_limits`:
+# Derive a format's limits from its layout, with nothing but the table of Section 1 and one rule
+# for the top exponent:
 #
-# * `min_normal = 2**(1 - bias)` (`e = 1`, `m = 0`)
-# * `min_subnormal = 2**(1 - bias - M)` (`e = 0`, `m = 1`)
-# * `eps = 2**-M`, the gap between 1 and the next value
-# * `max`: the largest finite pattern, `2**(e_max - bias) * (1 + m_max / 2**M)`. With infinities
-#   the all-ones exponent is reserved, so `e_max = 2**E - 2` and `m_max = 2**M - 1`. Without
-#   infinities (`has_inf=False`, like FP8 E4M3 in torch, `float8_e4m3fn`) only the pattern with all-ones
-#   exponent *and* all-ones mantissa is NaN, so `e_max = 2**E - 1` and `m_max = 2**M - 2`.
+# * **with infinities** (`has_inf=True`, the IEEE way: FP32, FP16, BF16, FP8 E5M2), the all-ones
+#   exponent holds only inf (`m == 0`) and NaN (`m != 0`);
+# * **without infinities** (`has_inf=False`, FP8 E4M3 as torch's `float8_e4m3fn`), the all-ones
+#   exponent holds ordinary numbers, except the one pattern with the all-ones mantissa: NaN.
 #
-# Return a dict with the keys `"max"`, `"min_normal"`, `"min_subnormal"` and `"eps"` (Python
-# floats). Do not use `torch.finfo` or `qcore.formats.FloatFormat`: they are what you check against.
+# Complete `format_limits`: it returns a dict with the keys `"max"` (the largest finite value),
+# `"min_normal"` (the smallest positive normal value), `"min_subnormal"` (the smallest positive
+# value) and `"eps"` (the gap between 1 and the next value above it), as Python floats. For each,
+# ask which fields `(e, m)` the pattern has, then read its value off the table. Do not use
+# `torch.finfo` or `qcore.formats.FloatFormat`: they are what you check against.
 
 # %% solution="ex3_format_limits"
 def format_limits(exponent_bits: int, mantissa_bits: int, has_inf: bool = True) -> dict[str, float]:
@@ -330,14 +336,17 @@ with exercise("Exercise 3: limits from the layout"):
         fi = torch.finfo(dtype)
         check_equal(sorted(lim), ["eps", "max", "min_normal", "min_subnormal"], f"{name}: the four keys")
         check_close(lim["max"], fi.max, f"{name} max = torch.finfo max ({fi.max:g})",
-                    hint="e_max = 2**E - 2 (the all-ones exponent is inf/NaN) and m_max = 2**M - 1")
+                    hint="the largest finite pattern has the largest exponent field that is not inf/NaN "
+                         "(2**E - 2) and the all-ones mantissa (2**M - 1)")
         check_close(lim["min_normal"], fi.tiny, f"{name} min_normal = torch.finfo tiny",
-                    hint="2**(1 - bias), bias = 2**(E-1) - 1")
+                    hint="the fields (e, m) = (1, 0): 2**(1 - bias), bias = 2**(E-1) - 1")
         check_close(lim["min_subnormal"], fi.tiny * fi.eps, f"{name} min_subnormal = tiny * eps",
-                    hint="2**(1 - bias - M): the subnormal exponent is 1 - bias, not -bias")
-        check_close(lim["eps"], fi.eps, f"{name} eps = torch.finfo eps", hint="2**-M")
+                    hint="the fields (0, 1), a subnormal: 2**(1 - bias) * 1 / 2**M (the exponent is 1 - bias, not -bias)")
+        check_close(lim["eps"], fi.eps, f"{name} eps = torch.finfo eps",
+                    hint="1 is (e, m) = (bias, 0); its neighbour above has m = 1: 1 + 1 / 2**M")
     check_close(format_limits(4, 3, has_inf=False)["max"], 448.0, "FP8 E4M3 (no inf) max = 448",
-                hint="e_max = 2**E - 1 and m_max = 2**M - 2 without infinities")
+                hint="without infinities the all-ones exponent 2**E - 1 holds numbers; only its all-ones "
+                     "mantissa is NaN, so the largest number has m = 2**M - 2")
     check_close(format_limits(4, 3, has_inf=True)["max"], 240.0, "an IEEE-style E4M3 would stop at 240")
 ### BEGIN HIDDEN TESTS
 from qcore.asking import ask
@@ -358,14 +367,17 @@ with ask("lab01_precision_formats", "ex3_format_limits_tests", "format_limits",
 # keeps a single NaN pattern (`S.1111.111`). The top binade then holds ordinary numbers up to
 # `2**(15-7) * 1.75 = 448`. What happens beyond is the cast's choice, not the format's: the OCP FP8
 # specification allows saturating to ±448 or returning NaN (there is no inf to return). The pinned
-# torch (2.13) saturates: 464, 480 and 1e9 all become 448. Check yours before relying on it.
-# E5M2 keeps the IEEE rules: more range (57344), one mantissa bit less.
+# torch (2.13) saturates; older releases returned NaN from 480 up. The cell below casts 464, 480,
+# 1e9 and inf and prints what your torch does. E5M2 keeps the IEEE rules: more range (57344), one mantissa bit less.
 
 # %%
 print(f"{'format':10} {'max':>12} {'min normal':>12} {'min subnormal':>14} {'eps':>10}   torch.finfo max")
 for fmt in (FP32, FP16, BF16, FP8_E4M3, FP8_E5M2):
     print(f"{fmt.name:10} {fmt.max:12.5g} {fmt.min_normal:12.5g} {fmt.min_subnormal:14.5g} {fmt.eps:10.5g}"
           f"   {torch.finfo(fmt.torch_dtype).max:.5g}")
+past = torch.tensor([464.0, 480.0, 1e9, math.inf])
+print(f"\ntorch {torch.__version__}: {past.tolist()} cast to float8_e4m3fn -> "
+      f"{past.to(torch.float8_e4m3fn).float().tolist()}")
 
 # %% [markdown]
 # ## 3. FP16 overflows, BF16 loses digits
@@ -425,10 +437,10 @@ plt.show()
 # BF16 keeps the upper 16 bits of an FP32 number. Truncating the lower 16 bits would always round
 # toward zero; PyTorch rounds to nearest, ties to even. With `b` the unsigned FP32 bit pattern and
 # `low = b & 0xFFFF`, the kept part `b >> 16` goes up by one when `low > 0x8000`, or when
-# `low == 0x8000` and the kept part is odd (a tie goes to the even neighbour). In one formula:
-#
-#     lsb   = (b >> 16) & 1
-#     upper = (b + 0x7FFF + lsb) >> 16
+# `low == 0x8000` and the kept part is odd (a tie goes to the even neighbour). One integer
+# addition before the shift does all of it: find the number `c` (it may depend on the lowest kept
+# bit, `(b >> 16) & 1`) for which `(b + c) >> 16` is the rounded result. Work it out on the cases
+# `low = 0x7FFF`, `0x8000` and `0x8001`, each with an even and an odd kept part.
 #
 # A carry out of the mantissa is correct: it moves to the next binade, and past BF16's largest
 # value it gives inf. NaN needs care: `0x7F800001` is NaN, but rounding it would give inf. For
@@ -465,7 +477,7 @@ with exercise("Exercise 4: round to BF16 by hand"):
     check_equal(got.dtype, torch.float32, "returns float32 (holding BF16 values)")
     want = x.to(torch.bfloat16).float()
     check_equal(got[:2], want[:2], "1 + 2**-8 is a tie: it rounds to the even neighbour 1.0",
-                hint="ties go to the even kept part: add 0x7FFF + lsb, not 0x8000")
+                hint="ties go to the even kept part: c = 0x7FFF + lsb (adding 0x8000 rounds every tie up)")
     check_equal(got[2], want[2], "1 + 3 * 2**-8 is a tie: it rounds up to the even 1 + 2**-6",
                 hint="with an odd kept part the tie rounds up")
     check_equal(got[3], want[3], "just above a tie rounds up",
@@ -619,6 +631,102 @@ ax.set(ylabel="GB", title="Mistral 7B weights in each format")
 plt.show()
 
 # %% [markdown]
+# ## 5. Rounding into any format
+#
+# Exercise 4's trick works because BF16 is FP32 cut in half: same exponent, fewer mantissa bits.
+# FP16 and the FP8s have fewer exponent bits too, so a value can fall into their subnormals or
+# beyond their largest value, and cutting bits no longer rounds. A rule that works for every
+# layout comes from Section 2 instead: around `x` the format's values are evenly spaced, so
+# rounding to the format is rounding `x / gap` to an integer.
+#
+# ### Exercise 6: round to any layout (3 points)
+#
+# Complete `round_to_format(x, exponent_bits, mantissa_bits, has_inf)`: a float32 tensor in, the
+# nearest value of the layout for each element out (as float32), the way torch's casts round:
+#
+# * to the nearest value; a tie goes to the neighbour whose mantissa field is even;
+# * below the smallest normal value onto the subnormal grid, whose gap stops shrinking;
+# * a value that rounds past the largest finite value becomes `±inf` when the layout has
+#   infinities; without them it saturates to `±max`, as torch 2.13's `float8_e4m3fn` cast does
+#   (also for `±inf`);
+# * NaN stays NaN, and the sign survives rounding to zero (`-1e-30` gives `-0.0`).
+#
+# Derive the gap around each `x` from its exponent (Section 2) and clamp it where the subnormals
+# begin. Useful tools: `torch.frexp` gives the exponent exactly (`torch.log2` is rounded, and a hair
+# below a power of two it can land on the power), `torch.round` rounds ties to even, and float64
+# holds every float32 exactly, so scaling by a power of two stays exact there. Your results are
+# compared with torch's casts: do not cast to `float16`, `bfloat16` or an FP8 dtype, and do not call
+# `qcore.formats.round_to_format`. Reusing your `format_limits` is fine.
+
+# %% solution="ex6_round_to_format"
+def round_to_format(x: torch.Tensor, exponent_bits: int, mantissa_bits: int, has_inf: bool = True) -> torch.Tensor:
+    """float32 tensor -> float32 tensor of the nearest values of the E/M layout (ties to even)."""
+    ### BEGIN SOLUTION
+    E, M = exponent_bits, mantissa_bits
+    bias = 2 ** (E - 1) - 1
+    e_max, m_max = (2**E - 2, 2**M - 1) if has_inf else (2**E - 1, 2**M - 2)
+    largest = 2.0 ** (e_max - bias) * (1 + m_max / 2**M)
+    xd = x.to(torch.float64)  # exact; x / gap and round(...) * gap below are exact too
+    _, e = torch.frexp(xd)  # |x| = f * 2**e with f in [0.5, 1): floor(log2|x|) = e - 1
+    gap = torch.pow(2.0, (torch.clamp(e.to(torch.int64) - 1, min=1 - bias) - M).to(torch.float64))
+    r = torch.round(xd / gap) * gap  # round half to even
+    beyond = math.inf if has_inf else largest
+    r = torch.where(r.abs() > largest, torch.copysign(torch.full_like(r, beyond), xd), r)
+    return torch.where(torch.isnan(x), x, r.to(torch.float32))
+    ### END SOLUTION
+
+
+# %% tests="ex6_round_to_format_tests" points=3
+from qcore.checks import check_equal, check_true, exercise
+
+with exercise("Exercise 6: round to any layout"):
+    got = round_to_format(torch.tensor([14.0, 14.9, 15.0, 0.3, 3 / 64, 1 / 32, -1e-3]), 3, 2)
+    check_equal(got.dtype, torch.float32, "returns float32")
+    check_equal(got[:2].tolist(), [14.0, 14.0], "E3M2 (max 14): 14 and 14.9 round to 14",
+                hint="the gap in the top binade [8, 16) is 2**(3 - 2) = 2")
+    check_equal(got[2].item(), math.inf, "E3M2: 15 is a tie between 14 (odd mantissa) and 16: 16 is past max, so inf",
+                hint="round first (ties to even gives 16), then turn whatever lies past max into inf")
+    check_equal(got[3].item(), 0.3125, "E3M2: 0.3 -> 0.3125 (gap 2**-4 in [0.25, 0.5))",
+                hint="the gap around x is 2**(floor(log2|x|) - M); torch.frexp gives floor(log2|x|) + 1")
+    check_equal(got[4:6].tolist(), [0.0625, 0.0], "E3M2 subnormals: 3/64 -> 1/16 and the tie 1/32 -> 0",
+                hint="below min_normal = 2**(1 - bias) the gap stays 2**(1 - bias - M) = 1/16")
+    check_true(bool(torch.signbit(got[6])), "-0.001 rounds to -0.0 (the sign is kept)",
+               hint="torch.round(-0.016) is -0.0; keep it (torch.where on a sign test can lose it)")
+    # Against torch's casts: random float32 bit patterns (every magnitude), values inside the 8- and
+    # 16-bit ranges, and the edges (ties, the largest values and what overflows them, subnormals).
+    gen = torch.Generator().manual_seed(6)
+    random_bits = torch.randint(-(2**31), 2**31, (3000,), generator=gen)
+    inner = (torch.randint(0, 2, (3000,), generator=gen) << 31) | (torch.randint(98, 146, (3000,), generator=gen) << 23) \
+        | torch.randint(0, 2**23, (3000,), generator=gen)
+    edges = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 65519.0, 65520.0, 448.0, 464.0,
+                          465.0, 480.0, 57344.0, 61440.0, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 1 + 2.0**-11,
+                          1 + 3 * 2.0**-11, 1 + 2.0**-8, 3.4e38, 1e-45])
+    x = torch.cat([random_bits.to(torch.int32).view(torch.float32), inner.to(torch.int32).view(torch.float32), edges])
+    for name, dtype, layout in (("FP16", torch.float16, (5, 10, True)), ("BF16", torch.bfloat16, (8, 7, True)),
+                                ("FP8 E4M3", torch.float8_e4m3fn, (4, 3, False)),
+                                ("FP8 E5M2", torch.float8_e5m2, (5, 2, True))):
+        want, got = x.to(dtype).float(), round_to_format(x, *layout)
+        number = ~torch.isnan(want)
+        check_equal(torch.isnan(got), ~number, f"{name}: NaN exactly where .to({dtype}) gives NaN")
+        check_equal(got[number].view(torch.int32), want[number].view(torch.int32),
+                    f"{name}: bit for bit like .to({dtype}) on 6022 values",
+                    hint="the first difference says which value: is it a tie, a subnormal, or past max?")
+### BEGIN HIDDEN TESTS
+from qcore.asking import NoCastTo, ask
+
+with ask("lab01_precision_formats", "ex6_round_to_format_tests", "round_to_format",
+         forbid=("qcore.formats.round_to_format", "qcore.formats.decompose", "torch.Tensor.half",
+                 "torch.Tensor.bfloat16")) as q, NoCastTo(torch.float16), NoCastTo(torch.bfloat16), \
+        NoCastTo(torch.float8_e4m3fn), NoCastTo(torch.float8_e5m2):
+    for _prefix in ("", "visible_"):
+        for _i, (_E, _M, _inf) in enumerate(q.inputs[_prefix + "layouts"].tolist()):
+            _x = torch.from_numpy(q.inputs[_prefix + "x_bits"][_i].view(np.int32)).view(torch.float32)
+            q.answer(f"{_prefix}layout{_i}", round_to_format(_x.clone(), int(_E), int(_M), bool(_inf)))
+    _x = torch.from_numpy(q.inputs["x_bits"][0, :30].view(np.int32)).view(torch.float32)
+    q.answer("matrix", round_to_format(_x.reshape(5, 6).t(), 5, 10, True))  # 2-D, not contiguous
+### END HIDDEN TESTS
+
+# %% [markdown]
 # ## Summary
 #
 # * A float is `(-1)**s * 2**(e - bias) * (1.m)`; the exponent bits buy range, the mantissa bits
@@ -626,5 +734,7 @@ plt.show()
 # * FP16 has precision (M = 10) but overflows at 65504. BF16 has FP32's range but only M = 7,
 #   so long sums must be accumulated in FP32.
 # * FP8 E4M3 gives up infinities to reach 448; E5M2 keeps them and reaches 57344.
+# * Rounding to any format is rounding `x / gap` to an integer, with the gap of `x`'s binade (fixed
+#   below the smallest normal); what lies past the largest value is the format's (or the cast's) choice.
 # * Memory is `n_params * bits / 8`, plus the scales of quantized formats: a 7B model is 28 GB in
 #   FP32, 14 GB in 16 bits, 7 GB in INT8 and about 4 GB in 4 bits.

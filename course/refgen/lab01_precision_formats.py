@@ -10,6 +10,7 @@ checks' own cases: a failure there while the kernel showed the checks passing is
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -232,24 +233,29 @@ def bf16_expected(inputs: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def _bf16_same(v: Verdict, key: str, want_bits: np.ndarray, torch_bits: np.ndarray, nan: np.ndarray) -> None:
-    """float32 answers with the expected bits where the value is a number, NaN where it is not."""
+def _same_floats(v: Verdict, key: str, want_bits: np.ndarray, nan: np.ndarray, what: str,
+                 torch_bits: np.ndarray | None = None) -> None:
+    """float32 answers with the expected bits (the sign of zero included) where the value is a
+    number, NaN where it is not (NaN bits are the kernel's choice)."""
     got = v.got(key)
     if got is None:
         return
     if got.shape != nan.shape or got.dtype != np.float32:
-        v.fail(key, f"float32 of shape {nan.shape} expected, got {got.dtype} {got.shape}")
+        v.fail(key, f"{what}: float32 of shape {nan.shape} expected, got {got.dtype} {got.shape}")
         return
-    v.true(key, bool(np.array_equal(np.isnan(got), nan)), "NaN in, NaN out (and only there)")
+    v.true(key, bool(np.array_equal(np.isnan(got), nan)), f"{what}: NaN in, NaN out (and only there)")
     bits = got.view(np.uint32)[~nan]
-    v.true(key, bool(np.array_equal(bits, want_bits[~nan])), "values differ from round to nearest even")
-    v.true(key, bool(np.array_equal(bits, torch_bits[~nan])), "values differ from .to(torch.bfloat16)")
+    v.true(key, bool(np.array_equal(bits, want_bits[~nan])), f"{what}: values differ from round to nearest even")
+    if torch_bits is not None:
+        v.true(key, bool(np.array_equal(bits, torch_bits[~nan])), f"{what}: values differ from torch's cast")
 
 
 def bf16_judge(v: Verdict, inputs, expected, answers) -> None:
     for prefix in ("", "visible_"):
-        _bf16_same(v, f"{prefix}x", *(expected[f"{prefix}{k}"] for k in ("expected_bits", "torch_bits", "is_nan")))
-    _bf16_same(v, "matrix", *(expected[k][:30].reshape(5, 6).T for k in ("expected_bits", "torch_bits", "is_nan")))
+        want, torch_bits, nan = (expected[f"{prefix}{k}"] for k in ("expected_bits", "torch_bits", "is_nan"))
+        _same_floats(v, f"{prefix}x", want, nan, "BF16", torch_bits)
+    want, torch_bits, nan = (expected[k][:30].reshape(5, 6).T for k in ("expected_bits", "torch_bits", "is_nan"))
+    _same_floats(v, "matrix", want, nan, "BF16 of a 2-D input", torch_bits)
 
 
 # ----------------------------------------------------------------------------- exercise 5
@@ -289,12 +295,105 @@ def memory_judge(v: Verdict, inputs, expected, answers) -> None:
         v.close(f"{prefix}bytes", expected[f"{prefix}expected"], "bytes", rtol=1e-12, atol=1e-9)
 
 
+# ----------------------------------------------------------------------------- exercise 6
+# (E, M, has_inf): torch's four 8- and 16-bit layouts first, then layouts no torch dtype has, with
+# and without infinities, down to 2 exponent bits and up to FP32 itself (rounding is the identity).
+ROUND_LAYOUTS = [(5, 10, True), (8, 7, True), (4, 3, False), (5, 2, True), (3, 2, True), (2, 1, True),
+                 (6, 9, True), (4, 3, True), (5, 2, False), (3, 4, False), (2, 3, False), (8, 1, True),
+                 (7, 15, False), (8, 23, True)]
+ROUND_PER_LAYOUT = 3000
+SPECIALS = [0x00000000, 0x80000000, 0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00000, 0x7F800001, 0x00000001,
+            0x80000001, 0x007FFFFF, 0x7F7FFFFF, 0xFF7FFFFF]
+
+
+def _gap(v: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """float64 spacing of ``fmt`` around each value of ``fmt`` in ``v`` (the binade's, fixed below min_normal)."""
+    _, e = torch.frexp(v)
+    return torch.pow(2.0, (torch.clamp(e.to(torch.int64) - 1, min=1 - fmt.bias) - fmt.mantissa_bits).double())
+
+
+def _f32_bits(x: torch.Tensor) -> np.ndarray:
+    return (x.to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF).numpy().astype(np.uint32)
+
+
+def _round_cases(fmt: FloatFormat, gen: torch.Generator, n: int) -> np.ndarray:
+    """``n`` float32 bit patterns around ``fmt``: values of the layout, exact ties between neighbours
+    and one float32 step either side of them, the largest value and what overflows it, the
+    subnormal ties, float32's specials, then random patterns (every magnitude)."""
+    E, M = fmt.exponent_bits, fmt.mantissa_bits
+    k = 500
+    s, e, m = (torch.randint(0, hi, (k,), generator=gen) for hi in (2, 2**E, 2**M))
+    v = compose(s, e, m, fmt).double()
+    v = v[torch.isfinite(v)]
+    tie = v + torch.copysign(_gap(v, fmt) / 2, v)
+    tie32 = tie.to(torch.float32)
+    top_gap = _gap(torch.tensor([fmt.max], dtype=torch.float64), fmt)
+    near = torch.tensor([fmt.max, fmt.min_normal, fmt.min_subnormal, fmt.min_subnormal / 2,
+                         3 * fmt.min_subnormal / 2, fmt.min_subnormal / 4, 2 * fmt.max], dtype=torch.float64)
+    near = torch.cat([near, fmt.max + top_gap / 2, fmt.max + top_gap / 4, fmt.max + 3 * top_gap / 4])
+    near32 = torch.cat([near, -near]).to(torch.float32)
+    up, down = torch.tensor(math.inf), torch.tensor(-math.inf)
+    parts = [torch.from_numpy(np.array(SPECIALS, np.uint32).astype(np.int64)), torch.from_numpy(_f32_bits(near32).astype(np.int64)),
+             *(torch.from_numpy(_f32_bits(t).astype(np.int64)) for t in
+               (torch.nextafter(near32, up), torch.nextafter(near32, down), v, tie32, torch.nextafter(tie32, up),
+                torch.nextafter(tie32, down)))]
+    bits = torch.cat(parts)[:n]
+    rest = torch.randint(0, 2**32, (n - len(bits),), dtype=torch.int64, generator=gen)
+    return torch.cat([bits, rest]).numpy().astype(np.uint32)
+
+
+def visible_round_x() -> torch.Tensor:
+    """The 6022 values of the lab's visible check against torch's casts (the same code as there)."""
+    gen = torch.Generator().manual_seed(6)
+    random_bits = torch.randint(-(2**31), 2**31, (3000,), generator=gen)
+    inner = (torch.randint(0, 2, (3000,), generator=gen) << 31) | (torch.randint(98, 146, (3000,), generator=gen) << 23) \
+        | torch.randint(0, 2**23, (3000,), generator=gen)
+    edges = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 65519.0, 65520.0, 448.0, 464.0,
+                          465.0, 480.0, 57344.0, 61440.0, 2.0**-24, 2.0**-25, 3 * 2.0**-25, 1 + 2.0**-11,
+                          1 + 3 * 2.0**-11, 1 + 2.0**-8, 3.4e38, 1e-45])
+    return torch.cat([random_bits.to(torch.int32).view(torch.float32), inner.to(torch.int32).view(torch.float32), edges])
+
+
+def round_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
+    """Per layout (a row of ``layouts``: E, M, has_inf), a row of ``x_bits``; the visible cases: the
+    four torch layouts on the visible check's values, and its E3M2 values (repeated to the row's length)."""
+    rows = [_round_cases(FloatFormat(f"e{E}m{M}", E, M, inf), gen, ROUND_PER_LAYOUT) for E, M, inf in ROUND_LAYOUTS]
+    shown = _f32_bits(visible_round_x())
+    e3m2 = _f32_bits(torch.tensor([14.0, 14.9, 15.0, 0.3, 3 / 64, 1 / 32, -1e-3]))
+    return {"layouts": np.array(ROUND_LAYOUTS, dtype=np.int64), "x_bits": np.stack(rows),
+            "visible_layouts": np.array(ROUND_LAYOUTS[:4] + [(3, 2, True)], dtype=np.int64),
+            "visible_x_bits": np.stack([shown] * 4 + [np.resize(e3m2, shown.shape)])}
+
+
+def round_expected(inputs: dict) -> dict[str, np.ndarray]:
+    """qcore's rounding of each row (float32 bits) and where the input is NaN."""
+    out = {}
+    for prefix in ("", "visible_"):
+        want, nan = [], []
+        for (E, M, inf), row in zip(inputs[f"{prefix}layouts"].tolist(), inputs[f"{prefix}x_bits"]):
+            x = _bits_to(row, torch.float32)
+            want.append(_f32_bits(round_to_format(x, FloatFormat(f"e{E}m{M}", E, M, bool(inf)))))
+            nan.append(torch.isnan(x).numpy())
+        out[f"{prefix}expected_bits"], out[f"{prefix}is_nan"] = np.stack(want), np.stack(nan)
+    return out
+
+
+def round_judge(v: Verdict, inputs, expected, answers) -> None:
+    for prefix in ("", "visible_"):
+        for i, (E, M, inf) in enumerate(inputs[f"{prefix}layouts"].tolist()):
+            want, nan = expected[f"{prefix}expected_bits"][i], expected[f"{prefix}is_nan"][i]
+            _same_floats(v, f"{prefix}layout{i}", want, nan, f"E{E}M{M}{'' if inf else ' (no inf)'}")
+    _same_floats(v, "matrix", expected["expected_bits"][0, :30].reshape(5, 6).T,
+                 expected["is_nan"][0, :30].reshape(5, 6).T, "a 2-D, non-contiguous input (E5M10)")
+
+
 HIDDEN_TESTS = [
     HiddenTest("ex1_split_bits_tests", "split_bits", split_bits_inputs, split_bits_expected, split_bits_judge),
     HiddenTest("ex2_fields_to_value_tests", "fields_to_value", rebuild_inputs, rebuild_expected, rebuild_judge),
     HiddenTest("ex3_format_limits_tests", "format_limits", limits_inputs, limits_expected, limits_judge),
     HiddenTest("ex4_round_to_bf16_tests", "round_to_bf16", bf16_inputs, bf16_expected, bf16_judge),
     HiddenTest("ex5_model_bytes_tests", "model_bytes", memory_inputs, memory_expected, memory_judge),
+    HiddenTest("ex6_round_to_format_tests", "round_to_format", round_inputs, round_expected, round_judge),
 ]
 
 

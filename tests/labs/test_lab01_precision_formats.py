@@ -15,6 +15,7 @@ import torch
 
 from harness import load_spec
 from qcore.formats import FloatFormat, compose, memory_bytes
+from qcore.formats import round_to_format as qcore_round
 
 
 # ----------------------------------------------------------------------------- the solution against oracles
@@ -91,6 +92,30 @@ def test_round_to_bf16_against_torch_cast(solved):
     assert got.dtype == torch.float32
     assert torch.equal(torch.isnan(got), nan)
     assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def test_round_to_format_against_torch_casts_and_qcore(solved):
+    """FP16, BF16 and both FP8s bit for bit like torch's casts (random patterns: every magnitude,
+    NaN, inf; values inside the formats' ranges); layouts torch lacks like qcore's rounding."""
+    round_to_format = solved.ns["round_to_format"]
+    gen = torch.Generator().manual_seed(4)
+    inner = ((torch.randint(0, 2, (300_000,), generator=gen) << 31) | (torch.randint(90, 150, (300_000,), generator=gen) << 23)
+             | torch.randint(0, 2**23, (300_000,), generator=gen))
+    x = torch.cat([torch.randint(-(2**31), 2**31, (300_000,), generator=gen).to(torch.int32).view(torch.float32),
+                   inner.to(torch.int32).view(torch.float32)])
+    for dtype, layout in ((torch.float16, (5, 10, True)), (torch.bfloat16, (8, 7, True)),
+                          (torch.float8_e4m3fn, (4, 3, False)), (torch.float8_e5m2, (5, 2, True))):
+        want, got = x.to(dtype).float(), round_to_format(x, *layout)
+        number = ~torch.isnan(want)
+        assert got.dtype == torch.float32 and torch.equal(torch.isnan(got), ~number)
+        assert torch.equal(got[number].view(torch.int32), want[number].view(torch.int32)), dtype
+    for E, M, has_inf in ((3, 2, True), (2, 1, True), (3, 4, False), (6, 9, True), (8, 23, True)):
+        want = qcore_round(x, FloatFormat("f", E, M, has_inf))
+        got = round_to_format(x, E, M, has_inf)
+        number = ~torch.isnan(want)
+        assert torch.equal(got[number].view(torch.int32), want[number].view(torch.int32)), (E, M, has_inf)
+    assert torch.equal(round_to_format(x, 8, 23, True)[~torch.isnan(x)].view(torch.int32),
+                       x[~torch.isnan(x)].view(torch.int32))  # FP32 into FP32: the identity
 
 
 def test_model_bytes_reproduces_the_seeds(solved):
