@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 
 LAB = "lab01_precision_formats"
-FULL = 10.0
+FULL = 13.0
 
 
 @dataclass(frozen=True)
