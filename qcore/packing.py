@@ -1,7 +1,8 @@
 """Sub-byte packing: 2-bit and 4-bit integer codes, several to a byte, first element in the high bits.
 
 The byte layout of bitsandbytes' 4-bit formats: ``pack_int4([a, b]) == (a << 4) | b``. Codes are
-unsigned; signed codes (a symmetric grid) are shifted by ``-qmin`` first.
+unsigned; signed codes (a symmetric grid) are offset by ``2**(bits-1)`` first, the ``-qmin`` of
+the full signed grid (``[-8, 7] -> [0, 15]``), as qcore's layers do: the nibble 8 means 0.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned ``bits``-wide codes (2 or 4) into bytes, first element in the high bits.
 
     The tensor is flattened; a last partial byte is padded with zero codes. Signed codes
-    are shifted first (``q - qmin``). 4-bit packing matches bitsandbytes' byte layout.
+    are offset first (``q + 2**(bits-1)``). 4-bit packing matches bitsandbytes' byte layout.
 
     Args:
         codes: integers in ``[0, 2**bits - 1]``, any shape with ``n`` elements.
@@ -30,7 +31,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     flat = codes.reshape(-1)
     if flat.numel() and (flat.min() < 0 or flat.max() >= 2**bits):
         raise ValueError(f"codes must lie in [0, {2**bits - 1}] to pack into {bits} bits; "
-                         "shift signed codes by -qmin first")
+                         "offset signed codes by 2**(bits-1) first")
     flat = flat.to(torch.uint8)
     pad = (-flat.numel()) % per_byte
     flat = torch.nn.functional.pad(flat, (0, pad)).view(-1, per_byte)  # [n_bytes, per_byte]

@@ -285,7 +285,7 @@ def test_pack_int2_layout_and_size():
 
 
 def test_pack_rejects_codes_that_do_not_fit():
-    with pytest.raises(ValueError, match="shift signed codes"):
+    with pytest.raises(ValueError, match="offset signed codes"):
         pack_int4(torch.tensor([-1, 3]))
     with pytest.raises(ValueError):
         pack(torch.tensor([16]), 4)
