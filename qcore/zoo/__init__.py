@@ -9,12 +9,12 @@ from qcore.zoo.causal_lm import (HUB_CAUSAL_LM, load_causal_lm, load_causal_lm_t
                                  tiny_causal_lm)
 from qcore.zoo.prompted_sentiment import (LABEL_WORDS, answer_loss, sentiment_accuracy, sentiment_batches,
                                           sentiment_logits, sentiment_prompt)
-from qcore.zoo.sentiment import (DOMAINS, HUB_SENTIMENT_MODEL, SentimentData, Split, load_sentiment_data,
+from qcore.zoo.sentiment import (DOMAINS, HUB_SENTIMENT_MODEL, SentimentData, Split, load_lab_classifier, load_sentiment_data,
                                  load_sentiment_model, load_tokenizer, prepare_sentiment_model,
                                  tiny_sentiment_model)
 
 __all__ = ["DOMAINS", "HUB_CAUSAL_LM", "HUB_SENTIMENT_MODEL", "LABEL_WORDS", "SentimentData", "Split",
-           "answer_loss", "load_causal_lm", "load_causal_lm_tokenizer", "load_sentiment_data",
+           "answer_loss", "load_causal_lm", "load_causal_lm_tokenizer", "load_lab_classifier", "load_sentiment_data",
            "load_sentiment_model", "load_tokenizer", "prepare_causal_lm", "prepare_sentiment_model",
            "sentiment_accuracy", "sentiment_batches", "sentiment_logits", "sentiment_prompt",
            "tiny_causal_lm", "tiny_sentiment_model"]

@@ -252,6 +252,29 @@ def load_sentiment_model(name: str | None = None, device: str = "cpu"):
     return model, tok
 
 
+def load_lab_classifier(use_hub: bool = False, device: str = "cpu"):
+    """``(model, tokenizer, data)`` for labs 2 and 3: the offline classifier and movie sentences,
+    or with ``use_hub`` DistilBERT fine-tuned on SST-2 and SST-2, from the Hugging Face hub.
+
+    Where the offline classifier cannot be prepared (its registry packages cannot be fetched, as
+    on a Colab without access to them), a student's run falls back to the hub by itself and says
+    so in one line; under the grader the ``AssetError`` stands (grading never goes online).
+    """
+    if not use_hub:
+        try:
+            model, tok = load_sentiment_model(device=device)
+            return model, tok, load_sentiment_data("movies")
+        except assets.AssetError as err:
+            from qcore.train import under_grader
+
+            if under_grader():
+                raise
+            print(f"the course's offline classifier is not available here ({err}); "
+                  f"loading {HUB_SENTIMENT_MODEL} and SST-2 from the hub instead")
+    model, tok = load_sentiment_model(HUB_SENTIMENT_MODEL, device=device)
+    return model, tok, load_sentiment_data("sst2")
+
+
 def tiny_sentiment_model(seed: int = 0):
     """A random 2-layer, 32-wide DistilBERT classifier (same vocabulary) for fast tests."""
     from transformers import DistilBertForSequenceClassification

@@ -109,6 +109,32 @@ def test_static_w8a8_against_qcore_calibrate_and_torch(solved):
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6) and torch.allclose(got, torch_fq, rtol=1e-5, atol=1e-5)
 
 
+def test_asymmetric_static_against_qcore_and_torch(solved):
+    qparams, layer = solved.ns["asymmetric_input_qparams"], solved.ns["asymmetric_static_w8a8_linear"]
+    from qcore.quant import qparams_from_range
+
+    g = torch.Generator().manual_seed(5)
+    for lo, hi in [(-20.0, 1000.0), (0.0, 0.0), (3.0, 4.0), (-2.0, -1.0), *(torch.randn(30, 2, generator=g) * 5).tolist()]:
+        lo, hi = min(lo, hi), max(lo, hi)
+        want = qparams_from_range(lo, hi, 8, symmetric=False)
+        scale, zero_point = qparams(lo, hi)
+        assert abs(scale - want.scale.item()) <= 1e-6 * want.scale.item() and zero_point == int(want.zero_point)
+    lin = nn.Linear(48, 6)
+    x = F.gelu(torch.randn(10, 48, generator=g) * 4)
+    x[0, :2] = torch.tensor([-3.0, 40.0])  # beyond both ends of the grid
+    scale, zero_point = qparams(x[1:].min().item(), x[1:].max().item())
+    qw, qp = layers.quantize_weight(lin.weight)
+    got = layer(x, scale, zero_point, qw, qp.scale, lin.bias)
+    qx = (torch.round(x / scale) + zero_point).clamp(0, 255).to(torch.uint8)
+    with torch.no_grad():
+        exact = int8.asymmetric_int8_linear(qx, torch.tensor(scale), zero_point, qw, qp.scale, lin.bias)
+        module = layers.Int8Linear(lin, input_scale=scale, input_zero_point=zero_point)(x)
+        torch_fq = F.linear(torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, 255), qw.float() * qp.scale,
+                            lin.bias)
+    assert torch.allclose(got, exact, rtol=1e-6, atol=1e-6) and torch.allclose(got, module, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got, torch_fq, rtol=1e-5, atol=1e-5)
+
+
 def test_smoothquant_against_qcore(solved):
     smoothing_factors, fold_smoothing = solved.ns["smoothing_factors"], solved.ns["fold_smoothing"]
     g = torch.Generator().manual_seed(3)
@@ -149,7 +175,7 @@ def test_demo_numbers_tell_the_story(solved):
     """What the markdown claims about the tables holds (here with the grader's small subsets)."""
     ns = solved.ns
     r = ns["results"]
-    assert list(r)[:4] == ["FP32", "FP16", "BF16", "torch.ao dynamic int8"] and len(r) == 10
+    assert list(r)[:4] == ["FP32", "FP16", "BF16", "torch.ao dynamic int8"] and len(r) == 11
     fp32 = r["FP32"]["mb"]
     assert 90 < fp32 < 92 and abs(r["FP16"]["mb"] / fp32 - 0.5) < 0.01
     assert 0.6 < r["torch.ao dynamic int8"]["mb"] / fp32 < 0.7  # embeddings stay FP32
@@ -159,6 +185,11 @@ def test_demo_numbers_tell_the_story(solved):
     sq = r[f"W8A8 static + SmoothQuant (alpha {ns['best_alpha']})"]
     assert r["W8A16 (per channel)"]["kl"] < r["W8A8 dynamic"]["kl"] < r["W8A8 static"]["kl"]
     assert sq["kl"] < r["W8A8 static"]["kl"] and mixed["kl"] < r["W4A16 (group 128)"]["kl"]
+    assert r["W8A8 static, asymmetric inputs"]["kl"] < r["W8A8 static"]["kl"]  # Exercise 3b's point
+    for i in range(len(ns["layers"])):  # post-GELU inputs: the asymmetric grid is about one bit finer
+        lo, hi = (v.min().item() if k == 0 else v.max().item()
+                  for k, v in enumerate(ns["minmax"][f"distilbert.transformer.layer.{i}.ffn.lin2"]))
+        assert -0.2 < lo < 0 and 0.9 < np.log2(max(-lo, hi) / 127 / ((hi - lo) / 255)) < 1.01
     assert r["W8A8 dynamic"]["kl"] < r["torch.ao dynamic int8"]["kl"]
     assert ns["on_cls"] == len(ns["cls_inputs"])  # the largest activation is always on [CLS]
     assert ns["best_alpha"] in (0.5, 0.65, 0.8)
@@ -192,6 +223,15 @@ def test_every_draw_covers_the_edge_cases(seed):
     assert any((r[f"act{i}"] == 0).any() for i in range(int(r["n_factor_cases"])))
     r = draw["sensitivity"]
     assert len(set(np.round(r["damage"], 8))) == len(r["damage"])  # a clear ranking
+    r = draw["asymmetric"]
+    lo, hi = np.minimum(r["ranges"][:, 0], 0), np.maximum(r["ranges"][:, 1], 0)
+    scale = np.maximum((hi - lo) / 255, np.finfo(np.float32).eps)
+    frac = (-lo / scale) % 1
+    assert (np.abs(frac - 0.5) > 1e-4).all() and (frac > 0.5).sum() >= 2  # rounding, not truncation, tells
+    assert {0, 255} <= set(r["zero_points"].tolist())  # ranges above and below 0
+    for i in range(int(r["n_cases"])):  # codes beyond both ends of the grid
+        codes = np.round(r[f"x{i}"] / r[f"sx{i}"]) + int(r[f"zx{i}"])
+        assert (codes < 0).any() and (codes > 255).any() and 0 < int(r[f"zx{i}"]) < 255
 
 
 def test_exercise_3_is_graded_on_its_own(solved, master_nb):

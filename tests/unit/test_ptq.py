@@ -14,14 +14,16 @@ from qcore import ptq
 from qcore.measure import size_on_disk
 from qcore.ptq import (SCHEMES, layer_sensitivity, linear_names, logit_damage,
                        most_sensitive, quantize_linear, quantize_model)
-from qcore.int8 import int8_linear, int8_matmul, int8_matmul_by_float32_slices, quantize_per_token
+from qcore.int8 import (asymmetric_int8_linear, int8_linear, int8_matmul, int8_matmul_by_float32_slices,
+                        quantize_per_token)
 from qcore.layers import Int8Linear, QuantEmbedding, QuantLinear, quantize_weight
 from qcore.quant import MIN_SCALE, PerChannel, PerGroup, choose_qparams, dequantize, fake_quantize
-from qcore.smoothquant import (fold_smoothing, input_absmax, smooth_linear, smoothing_factors, smoothquant_factors,
-                               static_input_scales)
+from qcore.smoothquant import (fold_smoothing, input_absmax, input_minmax, smooth_linear, smoothing_factors,
+                               smoothquant_factors, static_input_qparams, static_input_scales)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
+    from torch.ao.quantization import MinMaxObserver as TorchMinMaxObserver
     from torch.ao.quantization import PerChannelMinMaxObserver
 
 
@@ -236,6 +238,69 @@ def test_int8_linear_static_saturates_like_torch_fake_quantize():
     assert "static" in repr(q) and "dynamic" in repr(Int8Linear(lin))
 
 
+def test_float32_slices_are_exact_for_asymmetric_codes_shifted_to_minus_128():
+    """Shifted uint8 codes reach -128: the slices must hold 128 * 127 per term (1032 of them)."""
+    a = torch.full((2, 5000), -128, dtype=torch.int8)
+    b = torch.full((5000, 3), 127, dtype=torch.int8)
+    b[0, 1] = 125
+    got = int8_matmul_by_float32_slices(a, b)
+    assert torch.equal(got.long(), a.long() @ b.long()) and got[0, 0].item() == -5000 * 128 * 127
+
+
+@pytest.mark.parametrize("k", [7, 384, 3000])
+def test_asymmetric_int8_linear_is_the_exact_zero_point_computation(k):
+    qx = torch.randint(0, 256, (5, k), generator=gen()).to(torch.uint8)
+    qx[0] = 255  # the extremes of the uint8 grid
+    qx[1] = 0
+    qw = torch.randint(-127, 128, (4, k), generator=gen(1)).to(torch.int8)
+    qw[0] = 127
+    sw, bias = torch.rand(4, 1, generator=gen(2)) * 1e-3, torch.randn(4, generator=gen(3))
+    for zx in (0, 2, 128, 255):
+        acc = (qx.long() - zx) @ qw.long().T  # the oracle: int64, zero-point subtracted first
+        want = (acc.double() * 0.01 * sw.double().T + bias.double()).float()
+        got = asymmetric_int8_linear(qx, torch.tensor(0.01), zx, qw, sw, bias)
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item()), zx
+    with pytest.raises(TypeError):
+        asymmetric_int8_linear(qx.to(torch.int8), 0.01, 0, qw, sw)
+
+
+def test_int8_linear_static_asymmetric_equals_torch_fake_quantize_on_the_uint8_grid():
+    lin = nn.Linear(64, 6)
+    x = F.gelu(torch.randn(9, 64, generator=gen()) * 3)  # one-sided: about -0.17 to 9
+    minmax = input_minmax(nn.Sequential(lin), ["0"], lambda m: m(x[:6]))  # x[6:] may leave the range
+    qp = static_input_qparams(minmax)["0"]
+    q = Int8Linear(lin, input_scale=qp.scale, input_zero_point=qp.zero_point)
+    fq_x = torch.fake_quantize_per_tensor_affine(x, qp.scale.item(), int(qp.zero_point), 0, 255)
+    fq_w = fake_quantize(lin.weight, choose_qparams(lin.weight, 8, True, PerChannel(0)))
+    qx = (torch.round(x / qp.scale) + qp.zero_point).clamp(0, 255).to(torch.uint8)
+    exact = asymmetric_int8_linear(qx, qp.scale, qp.zero_point, q.qweight, q.scale, lin.bias)
+    with torch.no_grad():
+        assert torch.allclose(q(x), F.linear(fq_x, fq_w, lin.bias), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(q(x), exact, rtol=1e-6, atol=1e-5)  # the folded constant: float rounding only
+    assert "static asymmetric" in repr(q)
+    with pytest.raises(ValueError):
+        Int8Linear(lin, input_zero_point=3)
+
+
+def test_static_input_qparams_match_torch_minmax_observer():
+    model = nn.Sequential(nn.Linear(5, 8), nn.GELU(), nn.Linear(8, 2))
+    batches = [torch.randn(3, 4, 5, generator=gen(i)) * 2 for i in range(3)]
+    minmax = input_minmax(model, ["0", "2"], lambda m: [m(b) for b in batches])
+    with torch.no_grad():
+        seen = {"0": torch.cat([b.reshape(-1, 5) for b in batches])}
+        seen["2"] = F.gelu(model[0](seen["0"]))
+    for name, x in seen.items():
+        lo, hi = minmax[name]
+        assert torch.equal(lo, x.amin(0)) and torch.equal(hi, x.amax(0))
+        oracle = TorchMinMaxObserver(dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+        oracle(x)
+        scale, zero_point = oracle.calculate_qparams()
+        qp = static_input_qparams(minmax)[name]
+        assert torch.allclose(qp.scale, scale, rtol=1e-6) and int(qp.zero_point) == int(zero_point)
+    assert torch.equal(input_absmax(model, ["0"], lambda m: [m(b) for b in batches])["0"],
+                       torch.maximum(-minmax["0"][0], minmax["0"][1]))
+
+
 def test_smoothing_inside_int8_linear_keeps_the_float_function():
     lin = nn.Linear(16, 8)
     x = torch.randn(5, 16, generator=gen())
@@ -345,6 +410,13 @@ def test_quantize_model_overrides_and_errors():
         quantize_model(model, "w3a3")
     with pytest.raises(ValueError, match="input_scale"):
         quantize_model(model, "w8a8-static")
+    ids = torch.randint(0, 100, (3, 12), generator=gen())
+    qps = static_input_qparams(input_minmax(model, names, lambda m: m(input_ids=ids)))
+    q = quantize_model(model, "w8a8-static", input_scales={n: qp.scale for n, qp in qps.items()},
+                       input_zero_points={n: qp.zero_point for n, qp in qps.items()})
+    assert all(int(q.get_submodule(n).input_zero_point) == int(qps[n].zero_point) for n in names)
+    with torch.no_grad():  # close to the float model: every input inside its calibrated range
+        assert torch.allclose(q(input_ids=ids).logits, model(input_ids=ids).logits, atol=0.05)
 
 
 def test_torch_ao_dynamic_int8_agrees_with_own_dynamic_int8():

@@ -78,3 +78,28 @@ def test_cached_model_reaches_the_accuracy_target():
     acc = evaluate_classifier(model, tok, zs.load_sentiment_data("movies").test)
     print(f"movies test accuracy {acc:.4f}")
     assert acc >= 0.82
+
+
+def test_lab_classifier_falls_back_to_the_hub_by_itself_and_says_so(monkeypatch, capsys):
+    asked = []
+
+    def load(name=None, device="cpu"):
+        asked.append(name)
+        if name is None:
+            raise assets.AssetError("the fine-tuned sentiment model is not prepared. Run: make setup")
+        return "hub model", "hub tokenizer"
+
+    monkeypatch.setattr(zs, "load_sentiment_model", load)
+    monkeypatch.setattr(zs, "load_sentiment_data", lambda domain: f"{domain} data")
+    monkeypatch.delenv("NBGRADER_EXECUTION", raising=False)
+    assert zs.load_lab_classifier() == ("hub model", "hub tokenizer", "sst2 data")
+    assert asked == [None, zs.HUB_SENTIMENT_MODEL] and "from the hub instead" in capsys.readouterr().out
+    assert zs.load_lab_classifier(use_hub=True)[2] == "sst2 data" and asked[-1] == zs.HUB_SENTIMENT_MODEL
+    monkeypatch.setenv("NBGRADER_EXECUTION", "autograde")  # grading never goes online
+    with pytest.raises(assets.AssetError, match="make setup"):
+        zs.load_lab_classifier()
+
+
+def test_lab_classifier_is_the_offline_one_where_it_is_prepared():
+    model, tok, data = zs.load_lab_classifier()
+    assert model.config.dim == 384 and data.test.texts == zs.load_sentiment_data("movies").test.texts
