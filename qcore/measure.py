@@ -5,6 +5,7 @@ Every number a lab shows comes from here, measured on the machine it runs on.
 from __future__ import annotations
 
 import io
+import math
 import os
 import platform
 import statistics
@@ -246,3 +247,42 @@ def paired_difference(a, b) -> tuple[float, float]:
     if d.numel() < 2:
         raise ValueError("a paired difference needs at least two pairs")
     return d.mean().item(), (d.std() / d.numel() ** 0.5).item()
+
+
+def mcnemar(a_correct, b_correct) -> tuple[int, int, float]:
+    """McNemar's exact test of two classifiers on the same items: ``(a_only, b_only, p)``.
+
+    ``a_only`` counts the items ``a`` gets right and ``b`` wrong, ``b_only`` the reverse; the items
+    both get right or both wrong say nothing about which is better. Under "equally good" each
+    discordant item is a fair coin, so ``p`` is the two-sided binomial probability of a split at
+    least this uneven.
+
+    Example:
+        >>> mcnemar([1, 1, 1, 1, 1, 0, 1], [0, 0, 0, 0, 0, 0, 1])   # 5 discordant items, all for a
+        (5, 0, 0.0625)
+    """
+    a = torch.as_tensor(a_correct).bool()
+    b = torch.as_tensor(b_correct).bool()
+    a_only, b_only = int((a & ~b).sum()), int((b & ~a).sum())
+    n, k = a_only + b_only, min(a_only, b_only)
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n if n else 1.0
+    return a_only, b_only, min(1.0, 2 * tail)
+
+
+def bootstrap_se(statistic: Callable[..., torch.Tensor], *samples, resamples: int = 2000, seed: int = 0) -> float:
+    """Standard error of ``statistic(*samples)`` by the paired bootstrap: the same items drawn for every sample.
+
+    ``samples`` are tensors ``[n]`` over the same ``n`` items (sentences); each resample draws ``n``
+    items with replacement and evaluates ``statistic`` on ``[resamples, n]`` rows at once (it must
+    reduce over the last dimension).
+
+    Example:
+        >>> x = torch.arange(100.0) % 2          # half ones: the mean's standard error is 0.05
+        >>> round(bootstrap_se(lambda v: v.mean(-1), x), 2)
+        0.05
+    """
+    n = len(samples[0])
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (resamples, n), generator=gen)
+    values = statistic(*(torch.as_tensor(s, dtype=torch.float64)[idx] for s in samples))
+    return values.std().item()

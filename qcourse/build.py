@@ -91,6 +91,27 @@ def execute(nb, cwd: Path, timeout: int = 600, env: dict | None = None) -> nbfor
     return nb
 
 
+def drop_progress_bars(nb) -> nbformat.NotebookNode:
+    """The notebook without its progress-bar widgets: tqdm's bars (``qcore.train.progress``) are
+    closed when their loop ends, but a saved notebook keeps each as a widget view whose text form
+    is the bar's first frame ("0%| | 0/16"), a stub in every reader without the live kernel.
+
+    Example:
+        >>> cell = nbformat.v4.new_code_cell("", outputs=[
+        ...     nbformat.v4.new_output("display_data", data={"application/vnd.jupyter.widget-view+json": {},
+        ...                                                  "text/plain": "FP32:   0%|   | 0/16"}),
+        ...     nbformat.v4.new_output("stream", text="FP32 test accuracy: 0.8482")])
+        >>> [o.output_type for o in drop_progress_bars(nbformat.v4.new_notebook(cells=[cell])).cells[0].outputs]
+        ['stream']
+    """
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = [o for o in cell.outputs
+                            if "application/vnd.jupyter.widget-view+json" not in o.get("data", {})]
+    nb.metadata.pop("widgets", None)  # their saved state, if any
+    return nb
+
+
 def build_lab(lab: str, course_root: Path, labs_dir: Path, solutions_dir: Path,
               qcore_source: str | None = None, run_solution: bool = True) -> None:
     """Build one lab into ``labs_dir`` and ``solutions_dir``."""
@@ -101,7 +122,7 @@ def build_lab(lab: str, course_root: Path, labs_dir: Path, solutions_dir: Path,
     if run_solution:
         env = {"QCOURSE_REFERENCE_DIR": str(course_root / "reference"), "MPLBACKEND": "module://matplotlib_inline.backend_inline"}
         solved = execute(source_nb, cwd=labs_dir, env=env)
-        write_notebook(solved, solutions_dir / f"{lab}.ipynb")
+        write_notebook(drop_progress_bars(solved), solutions_dir / f"{lab}.ipynb")
 
 
 def labs_readme(text: str, remote: str | None) -> str:

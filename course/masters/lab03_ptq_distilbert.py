@@ -284,8 +284,8 @@ for bits, group in ((8, None), (4, 128)):
 # The scales leave the sum because each depends only on the row `t` or the output `o`, never on the
 # summed index `i`. That is why activations get a scale per *token* and weights a scale per
 # *output channel*: a scale per input channel `i` could not leave the sum. What stays inside is a
-# pure integer product, the job of int8 matrix units (VNNI and AMX on Intel CPUs, tensor cores on
-# GPUs).
+# pure integer product, the job of int8 matrix units (VNNI on recent Intel and AMD CPUs, AMX on
+# Intel Xeons, tensor cores on GPUs).
 #
 # The sum must not be kept in int8. Each product reaches `127 * 127 = 16129`, and a sum of 384 of
 # them reaches millions (printed below): far beyond int8 (127) and int16 (32767). Hardware multiplies int8 and
@@ -748,11 +748,11 @@ with ask("lab03_ptq_distilbert", "ex3b_asymmetric_static_tests", "asymmetric",
                  "qcore.quant.fake_quantize", "qcore.int8.asymmetric_int8_linear", "qcore.int8.int8_linear",
                  "qcore.smoothquant.static_input_qparams", "qcore.layers.Int8Linear.forward",
                  "torch.quantize_per_tensor", "torch.fake_quantize_per_tensor_affine")) as q:
-    _ranges = q.inputs["ranges"]
-    _qp = [asymmetric_input_qparams(float(_lo), float(_hi)) for _lo, _hi in _ranges]
-    q.answer("scales", np.array([float(_s) for _s, _ in _qp], np.float64))
-    q.answer("zero_points", np.array([int(_z) for _, _z in _qp], np.int64))
-    q.answer("zero_point_is_int", np.array([isinstance(_z, int) for _, _z in _qp]))
+    for _p in ("", "visible_"):
+        _qp = [asymmetric_input_qparams(float(_lo), float(_hi)) for _lo, _hi in q.inputs[f"{_p}ranges"]]
+        q.answer(f"{_p}scales", np.array([float(_s) for _s, _ in _qp], np.float64))
+        q.answer(f"{_p}zero_points", np.array([int(_z) for _, _z in _qp], np.int64))
+        q.answer(f"{_p}zero_point_is_int", np.array([isinstance(_z, int) for _, _z in _qp]))
     for _i in range(int(q.inputs["n_cases"])):
         _x, _qw, _sw = (torch.from_numpy(q.inputs[f"{_k}{_i}"]).clone() for _k in ("x", "qw", "sw"))
         _b = torch.from_numpy(q.inputs[f"bias{_i}"]).clone() if bool(q.inputs[f"has_bias{_i}"]) else None
@@ -1419,7 +1419,8 @@ for name in ("W8A8 static, asymmetric inputs", f"W8A8 static + SmoothQuant (alph
 #   Real W4A16 kernels (Marlin, torchao's int4 on CUDA) dequantize inside the product and win on
 #   GPUs, where reading the weights from memory is the bottleneck.
 # * BF16 is fast where the CPU has BF16 dot products (AVX512-BF16 on AMD Zen 4 and Intel Cooper
-#   Lake, AMX on Xeons since Sapphire Rapids), and several times slower than FP32 without them.
+#   Lake, AMX on Xeons since Sapphire Rapids); without them PyTorch converts or emulates, and BF16
+#   is no faster than FP32, often slower.
 # * FP16 matrices have a unit only in AMX-FP16 (Xeon 6 "Granite Rapids"). Elsewhere PyTorch either
 #   converts FP16 to FP32 inside the matrix kernel (then FP16 runs at about FP32's speed) or falls
 #   back to a generic loop (then many times slower); which one depends on the CPU and the PyTorch

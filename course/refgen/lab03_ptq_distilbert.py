@@ -556,6 +556,7 @@ def sensitivity_judge(v: Verdict, inputs, expected, answers) -> None:
 # contain 0 (widened), an empty one; random ones are drawn after these.
 FIXED_RANGES = [(-20.0, 1000.0), (0.0, 1000.0), (-0.6, 1.0), (-0.17, 20.3), (2.0, 5.0), (-3.0, -1.0), (0.0, 0.0),
                 (-1e-3, 7.5)]
+VISIBLE_RANGES = [(-20.0, 1000.0), (0.0, 1000.0), (-0.6, 1.0), (2.0, 5.0), (-3.0, -1.0), (0.0, 0.0)]  # the checks'
 ASYMMETRIC_CASES = [(6, 32, 5, True), (1, 16, 3, True), (9, 300, 7, False), (4, 1100, 4, True)]
 
 
@@ -574,7 +575,8 @@ def asymmetric_inputs(gen: torch.Generator) -> dict:
         qp = qparams_from_range(lo, hi, 8, symmetric=False)
         if bool(_off_ties(torch.tensor(-lo) / qp.scale)):
             ranges.append((lo, hi))
-    out = {"ranges": np.array(ranges, np.float32), "n_cases": len(ASYMMETRIC_CASES)}
+    out = {"ranges": np.array(ranges, np.float32), "n_cases": len(ASYMMETRIC_CASES),
+           "visible_ranges": np.array(VISIBLE_RANGES, np.float32)}
     for i, (t, k, n, has_bias) in enumerate(ASYMMETRIC_CASES):
         x = F.gelu(randn(t, k, generator=gen) * 3)  # about -0.17 to 10
         qp = qparams_from_range(float(x.min()) * 0.8, float(x.max()) * 0.6, 8, symmetric=False)  # some saturate
@@ -600,9 +602,11 @@ def _asymmetric_layer(x: torch.Tensor, sx, zx: int, qw, sw, bias=None) -> torch.
 
 
 def asymmetric_expected(inputs: dict) -> dict:
-    qps = [qparams_from_range(float(lo), float(hi), 8, symmetric=False) for lo, hi in inputs["ranges"]]
-    out = {"scales": np.array([float(qp.scale) for qp in qps], np.float64),
-           "zero_points": np.array([int(qp.zero_point) for qp in qps], np.int64)}
+    out = {}
+    for prefix in ("", "visible_"):
+        qps = [qparams_from_range(float(lo), float(hi), 8, symmetric=False) for lo, hi in inputs[f"{prefix}ranges"]]
+        out[f"{prefix}scales"] = np.array([float(qp.scale) for qp in qps], np.float64)
+        out[f"{prefix}zero_points"] = np.array([int(qp.zero_point) for qp in qps], np.int64)
     for i in range(int(inputs["n_cases"])):
         out[f"y{i}"] = _np(_asymmetric_layer(_t(inputs, f"x{i}"), inputs[f"sx{i}"], int(inputs[f"zx{i}"]),
                                              _t(inputs, f"qw{i}"), _t(inputs, f"sw{i}"), _has_bias(inputs, i)))
@@ -621,6 +625,10 @@ def asymmetric_judge(v: Verdict, inputs, expected, answers) -> None:
         want = expected[f"y{i}"]
         v.close(f"y{i}", want, f"case {i}: uint8 codes (saturating at 0 and 255), the zero-point's correction, "
                 "rescaled (bias?)", rtol=1e-6, atol=1e-6 * float(np.abs(want).max()))
+    v.close("visible_scales", expected["visible_scales"], "the visible checks' ranges: scales", rtol=1e-6)
+    v.equal("visible_zero_points", expected["visible_zero_points"], "the visible checks' ranges: zero-points")
+    v.equal("visible_zero_point_is_int", np.ones(len(inputs["visible_ranges"]), bool),
+            "the visible checks: the zero-point is a Python int")
     v.close("visible_y_in", expected["visible_y_in"], "the visible checks' layer, with bias", rtol=1e-6, atol=1e-7)
     v.close("visible_y_out", expected["visible_y_out"], "the visible checks' layer, saturating", rtol=1e-6, atol=1e-7)
 
