@@ -121,6 +121,17 @@ def test_demo_numbers(solved):
     assert all(0.3 <= v <= 1.0 for r in results.values() for v in r.values())
     assert ns["int_accuracy"] == results["QAT + LSQ (MSE init)"][2] and ns["same"]
     assert ns["codes_used"] == [-1, 0, 1]
+    trained = sorted(ns["QAT_RUNS"])
+    for method in ns["METHODS"][2:]:  # the controls and the QAT runs, at every trained width
+        assert sorted(results[method]) == trained
+    for (a, b, bits), (diff, se, p) in ns["comparisons"].items():  # the paired statistics, recomputed
+        ca, cb = ns["correct"][a, bits], ns["correct"][b, bits]
+        assert abs(diff - 100 * (ca.double().mean() - cb.double().mean()).item()) < 1e-9 and se >= 0 and 0 <= p <= 1
+    layers_absmax = ns["fake_quant_layers"](ns["prepared"]("QAT + LSQ (max|w| init)", 2))
+    assert all(torch.allclose(layer.scale, layer.weight.abs().amax(1, keepdim=True) / 1, rtol=4 * 2**-24, atol=0)
+               for layer in layers_absmax[:3])  # max|w| / qmax, qmax = 1 at 2 bits (float rounding of the search)
+    assert not any(p.requires_grad for n, p in ns["qat_models"]["QAT, fixed MSE scales", 2].named_parameters()
+                   if n.endswith(".scale"))
 
 
 # ----------------------------------------------------------------------------- references
