@@ -27,11 +27,13 @@ from qcore.quant import (MIN_SCALE, PerChannel, PerGroup, QParams, choose_qparam
                          qrange, quantize)
 
 
-def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: int | None = None):
-    """Symmetric codes and qparams of a weight ``[out, in]``, per output channel or per group.
+def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: int | None = None, symmetric: bool = True):
+    """Codes and qparams of a weight ``[out, in]``, per output channel or per group (round-to-nearest).
 
     ``scale = max|w| / qmax`` over each row (scale ``[out, 1]``) or each run of ``group_size``
     inputs (scale ``[out, in // group_size]``); codes ``clamp(round(w / scale), -qmax, qmax)``.
+    With ``symmetric=False`` the same slices get the min-max affine grid of ``qcore.quant``
+    (uint8 codes and a zero-point; ``QuantLinear`` stores the symmetric grid only).
 
     Example:
         >>> q, qp = quantize_weight(torch.tensor([[0.5, -1.0], [2.0, 0.1]]))
@@ -39,7 +41,7 @@ def quantize_weight(weight: torch.Tensor, bits: int = 8, group_size: int | None 
         ([[64, -127], [127, 6]], [1.0, 2.0])
     """
     gran = PerChannel(axis=0) if group_size is None else PerGroup(group_size)
-    qp = choose_qparams(weight, bits, symmetric=True, granularity=gran)
+    qp = choose_qparams(weight, bits, symmetric=symmetric, granularity=gran)
     return quantize(weight, qp), qp
 
 
