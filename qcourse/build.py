@@ -73,7 +73,7 @@ def generate_student_version(lab: str, course_root: Path) -> nbformat.NotebookNo
     return nbformat.read(released, as_version=4)
 
 
-def execute(nb, cwd: Path, timeout: int = 600, env: dict | None = None) -> nbformat.NotebookNode:
+def execute(nb, cwd: Path, timeout: int = 1800, env: dict | None = None) -> nbformat.NotebookNode:
     """Run a notebook top to bottom in a fresh kernel (errors raise ``BuildError``)."""
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError

@@ -39,6 +39,7 @@ CPU_DEPENDENT = {
     "qlora": {"y*": 256, "grad_*": 256, "visible_y*": 256, "visible_grad_*": 256},  # up to 256 inputs
     "double_quant": {"offset*": 1024, "visible_offset*": 1024},  # the mean of up to 1,200 absmax values
     "int4": {"sqnr*": 1024, "visible_sqnr*": 4096},  # sums over up to 4,096 weights
+    "recompute": {"y*": 256, "grad_x*": 64, "visible_y*": 256, "visible_grad_x*": 64},  # up to 256 inputs, 64 outputs
 }
 
 
@@ -574,6 +575,55 @@ def int4_judge(v: Verdict, inputs, expected, answers) -> None:
     v.close("sqnr_same", expected["sqnr_same"], "no error: infinite SQNR", rtol=1e-6)
 
 
+# ----------------------------------------------------------------------------- recompute in backward
+def _recompute_case(gen: torch.Generator, n_in: int, n_out: int, x_shape, double_quant: bool, prefix: str, i: int):
+    """A frozen NF4 weight [out, in], an input x [..., in] with fewer elements than the weight (so
+    that a saved tensor as large as the weight can only be the weight), and the gradient of y."""
+    assert int(np.prod(x_shape)) < n_out * n_in and x_shape[-1] == n_in
+    w = randn(n_out, n_in, generator=gen) / n_in ** 0.5
+    return {f"{prefix}w{i}": _np(w), f"{prefix}x{i}": _np(randn(*x_shape, generator=gen)),
+            f"{prefix}g{i}": _np(randn(*x_shape[:-1], n_out, generator=gen)),
+            f"{prefix}double_quant{i}": np.array(bool(double_quant))}
+
+
+def recompute_inputs(gen: torch.Generator) -> dict[str, np.ndarray]:
+    """Non-square layers (a missing transpose cannot run), 3-D inputs, with and without double
+    quantization, one random shape; and the visible checks' layer (64 -> 128, x [4, 64])."""
+    cases = [(64, 64, (4, 64), True), (128, 32, (2, 3, 128), False), (192, 16, (5, 192), True)]
+    n_in = 64 * _int(gen, 1, 4)
+    cases.append((n_in, _int(gen, 16, 33), (_int(gen, 1, 4), n_in), bool(_int(gen, 0, 2))))
+    out = {"n_cases": np.array(len(cases)), "n_visible": np.array(1)}
+    for i, (n_in, n_out, x_shape, dq) in enumerate(cases):
+        out.update(_recompute_case(gen, n_in, n_out, x_shape, dq, "", i))
+    out.update(_recompute_case(torch.Generator().manual_seed(0), 64, 128, (4, 64), True, "visible_", 0))
+    return out
+
+
+def recompute_expected(inputs: dict) -> dict[str, np.ndarray]:
+    """y = x @ w_hat.T and the gradient reaching x, g @ w_hat (w_hat: qcore's NF4 round trip)."""
+    out = {}
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        w = torch.from_numpy(inputs[k("w")])
+        w_hat = dequantize_nf4(*quantize_nf4(w, 64, double_quant=bool(inputs[k("double_quant")])))
+        out[k("y")] = _np(torch.from_numpy(inputs[k("x")]) @ w_hat.T)
+        out[k("grad_x")] = _np(torch.from_numpy(inputs[k("g")]) @ w_hat)
+    return out
+
+
+def recompute_judge(v: Verdict, inputs, expected, answers) -> None:
+    for case in _cases(inputs):
+        k = partial(_key, case)
+        w, x = inputs[k("w")], inputs[k("x")]
+        what = f"{_case_name(case)} (in {w.shape[1]}, out {w.shape[0]}, x {tuple(x.shape)})"
+        v.close(k("y"), expected[k("y")], f"{what}: outputs differ", rtol=1e-5, atol=1e-5)
+        _flag(v, k("x_grad_none"), False, f"{what}: no gradient reaches the input")
+        _grad_close(v, k("grad_x"), expected[k("grad_x")], f"{what}: the gradient reaching the input")
+        saved = answers.get(k("saved_float_sizes"))
+        v.true(k("saved_float_sizes"), saved is not None and saved.ndim == 1 and bool((saved < w.size).all()),
+               f"{what}: a float tensor as large as the weight is kept for the backward pass")
+
+
 HIDDEN_TESTS = [
     HiddenTest("ex1_lora_linear_tests", "lora", lora_inputs, lora_expected, lora_judge),
     HiddenTest("ex2_arithmetic_tests", "arithmetic", arithmetic_inputs, arithmetic_expected, arithmetic_judge),
@@ -581,6 +631,7 @@ HIDDEN_TESTS = [
     HiddenTest("ex4_double_quant_tests", "double_quant", double_inputs, double_expected, double_judge),
     HiddenTest("ex5_nf4_vs_int4_tests", "int4", int4_inputs, int4_expected, int4_judge),
     HiddenTest("ex6_qlora_linear_tests", "qlora", qlora_inputs, qlora_expected, qlora_judge),
+    HiddenTest("ex7_recompute_tests", "recompute", recompute_inputs, recompute_expected, recompute_judge),
 ]
 
 

@@ -30,6 +30,7 @@ from harness import REFERENCE, Kernel, cell_of, hidden_part, load_spec
 from qcourse.build import COURSE
 from qcourse.judge import draw_inputs, hidden_tests, inject, judge_answers
 from qcore import lora
+from qcore.layers import NF4Linear
 from qcore.nf4 import _quantize_absmax, bits_per_param, dequantize_nf4, nf4_codebook, quantize_nf4
 from qcore.packing import unpack_int4
 from qcore.quant import PerGroup, choose_qparams, fake_quantize, sqnr_db
@@ -157,6 +158,35 @@ def test_qlora_linear_against_qcore_and_bitsandbytes(solved, bnb):
                            unpack_int4(q.weight.data.reshape(-1), (256 * 16,)))
 
 
+def _saved_float_numels(fn) -> list[int]:
+    """Sizes of the float tensors autograd saves for the backward while ``fn()`` runs."""
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t
+                                                  if t.is_floating_point() else t, lambda t: t):
+        fn()
+    return sizes
+
+
+def test_recompute_against_qcore_nf4_linear_and_plain_autograd(solved):
+    """Exercise 7: outputs and input gradients equal qcore's NF4Linear (which recomputes too); plain
+    autograd of the same product keeps the [out, in] weight, the solution keeps no float tensor."""
+    nf4_matmul = solved.ns["nf4_matmul"]
+    torch.manual_seed(0)
+    lin = nn.Linear(192, 40, bias=False)
+    ours = NF4Linear.from_linear(lin, 64, double_quant=True)
+    packed, state = ours.packed, ours.state
+    x = torch.randn(2, 5, 192)
+    g = torch.randn(2, 5, 40)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = nf4_matmul(x1, packed, state), ours(x2)
+    assert torch.allclose(y1, y2, rtol=1e-6, atol=1e-6)
+    y1.backward(g), y2.backward(g)
+    assert torch.allclose(x1.grad, x2.grad, rtol=1e-6, atol=1e-6)
+    w_hat = ours.weight_hat()
+    assert 40 * 192 in _saved_float_numels(lambda: x.clone().requires_grad_() @ w_hat.T)  # autograd keeps it
+    assert _saved_float_numels(lambda: nf4_matmul(x.clone().requires_grad_(), packed, state)) == []
+
+
 @pytest.mark.slow
 def test_whole_notebook_under_the_grader(lab):
     """Quiet, and the experiment's rows are all there (with the grader's tiny subsets); its time is
@@ -166,7 +196,10 @@ def test_whole_notebook_under_the_grader(lab):
     out = run.stdout.getvalue()
     assert out.count("all visible checks passed") == len(SPEC.exercises)
     results = run.ns["results"]
-    assert list(results) == ["zero-shot (no training)", "LoRA r=8", "QLoRA r=8, qcore NF4"]
+    assert list(results) == ["zero-shot (no training)", "LoRA r=8", "zero-shot, NF4 base (no training)",
+                             "QLoRA r=8, qcore NF4"]
+    assert all(results[name]["correct"] is not None for name in results)  # kept per sentence, for the paired tests
+    assert "memory in fresh processes: skipped under the grader" in out
     lora_row, qlora_row = results["LoRA r=8"], results["QLoRA r=8, qcore NF4"]
     assert lora_row["trainable"] == qlora_row["trainable"] == 2_442_240
     assert qlora_row["weights_mb"] < 0.45 * lora_row["weights_mb"]  # NF4 linear layers, FP32 embedding
