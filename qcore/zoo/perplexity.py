@@ -138,8 +138,8 @@ def perplexity(model, input_ids: torch.Tensor, window: int = 1024, stride: int =
         (39, (15, 8, 8, 8), True)
     """
     ids = input_ids.reshape(-1)
-    if not 1 <= stride <= window or ids.numel() < 2:
-        raise ValueError(f"need 1 <= stride <= window and two tokens (stride {stride}, window {window}, "
+    if not 1 <= stride <= window or window < 2 or ids.numel() < 2:
+        raise ValueError(f"need 1 <= stride <= window, window >= 2 and two tokens (stride {stride}, window {window}, "
                          f"{ids.numel()} tokens)")
     device = next(model.parameters()).device
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps it
