@@ -57,7 +57,7 @@ test-other-kernels: setup
 # (bench_labs.py times each lab's master, the lab tests' run: several minutes on 2 cores; bench_judging.py
 # grades each solution as judged now and with the in-kernel tests of before, side by side; bench_cluster.py
 # grades a class locally and on a Dask cluster of 2 workers on this machine.)
-BENCHES := bench_numerics bench_ptq bench_causal_lm bench_labs bench_judging bench_cluster
+BENCHES := bench_numerics bench_ptq bench_causal_lm bench_llm_weights bench_labs bench_judging bench_cluster
 bench: setup
 	@failed=""; for b in $(BENCHES); do $(PY) bench/$$b.py || failed="$$failed $$b"; done; \
 	  if [ -n "$$failed" ]; then echo "targets missed:$$failed"; exit 1; fi

@@ -168,14 +168,17 @@ def test_solved_labs_1_and_2_run_top_to_bottom_from_an_empty_cache(student, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("lab, until, prepared", [
-    ("lab05_lora_qlora", "base_model, tokenizer = fresh_model()", ("smollm2: fetched", "causal LM: cached")),
-    ("lab03_ptq_distilbert", "fp32_accuracy =", ("minilm: fetched", "sentiment model: cached", "FP32 test accuracy")),
+    ("lab05_lora_qlora", "base_model, tokenizer = fresh_model()", ("vader: fetched", "smollm2: fetched",
+                                                                   "causal LM: cached")),
+    ("lab03_ptq_distilbert", "fp32_accuracy =", ("vader: fetched", "minilm: fetched", "sentiment model: cached",
+                                                 "FP32 test accuracy")),
+    ("lab06_llm_weights", "calibration_ids = ", ("smollm2: fetched", "causal LM: cached", "tokens of Persuasion")),
 ])
-def test_labs_3_and_5_prepare_what_they_need_on_first_use(student, tmp_path, lab, until, prepared):
+def test_labs_3_5_and_6_prepare_what_they_need_on_first_use(student, tmp_path, lab, until, prepared):
     """The lab's cells up to its model, in an empty cache: what the lab loads is there at the end."""
     run = student(["-c", RUN_NOTEBOOK, str(REPO / "solutions" / f"{lab}.ipynb"), until], tmp_path)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    for line in ("vader: fetched", *prepared):
+    for line in prepared:
         assert line in run.stdout, line
 
 

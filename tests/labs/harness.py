@@ -128,6 +128,21 @@ def run_tests(kernel: Kernel, lab: str, tests_id: str, source: str) -> list[tupl
     return judge_answers(test, reference(lab, test.file), answers)
 
 
+def judge_on_seed(lab: "LabRun", seed: int) -> None:
+    """Ask the solution each hidden test's questions on the inputs drawn for ``seed`` (as the grader
+    draws one submission's) and assert the judge passes it, quietly: every seed must give valid cases."""
+    from qcourse.judge import draw_inputs, inject
+
+    for ex in lab.spec.exercises:
+        test = hidden_tests(lab.spec.name, REPO / "course")[ex.tests_id]
+        inputs = draw_inputs(test, seed)
+        kernel = Kernel(lab.solved.ns)
+        kernel.run(cell_of(lab.master_nb, ex.id).source)
+        kernel.run(hidden_part(inject(cell_of(lab.master_nb, ex.tests_id).source, inputs)))
+        assert judge_answers(test, inputs, qcore.asking.ANSWERS[ex.tests_id]) == [], ex.id
+        assert kernel.stderr.getvalue() == ""
+
+
 # ----------------------------------------------------------------------------- specs
 def patched(template: str, edits: Mapping[str, str] | None = None) -> str:
     """A solution template with some edits: ``{"patch_x": code}`` fills the slot ``{patch_x}`` (the

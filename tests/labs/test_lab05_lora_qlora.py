@@ -25,10 +25,7 @@ import pytest
 import torch
 from torch import nn
 
-import qcore.asking
-from harness import REFERENCE, Kernel, cell_of, hidden_part, load_spec
-from qcourse.build import COURSE
-from qcourse.judge import draw_inputs, hidden_tests, inject, judge_answers
+from harness import REFERENCE, judge_on_seed, load_spec
 from qcore import lora
 from qcore.layers import NF4Linear
 from qcore.nf4 import _quantize_absmax, bits_per_param, dequantize_nf4, nf4_codebook, quantize_nf4
@@ -212,14 +209,7 @@ def test_whole_notebook_under_the_grader(lab):
 def test_solution_passes_on_other_submissions_inputs(lab, seed):
     """The grader asks each submission its own inputs (``qcourse.judge``): every seed must give
     valid cases (away from rounding ties and NF4's decision boundaries) that the solution passes."""
-    for ex in SPEC.exercises:
-        test = hidden_tests(LAB, COURSE)[ex.tests_id]
-        inputs = draw_inputs(test, seed)
-        kernel = Kernel(lab.solved.ns)
-        kernel.run(cell_of(lab.master_nb, ex.id).source)
-        kernel.run(hidden_part(inject(cell_of(lab.master_nb, ex.tests_id).source, inputs)))
-        assert judge_answers(test, inputs, qcore.asking.ANSWERS[ex.tests_id]) == [], ex.id
-        assert kernel.stderr.getvalue() == ""
+    judge_on_seed(lab, seed)
 
 
 # ----------------------------------------------------------------------------- references
