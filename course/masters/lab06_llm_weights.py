@@ -318,6 +318,8 @@ with exercise("Exercise 2: RTN with groups"):
     except ValueError:
         pass
 ### BEGIN HIDDEN TESTS
+from qcore.asking import ask
+
 with ask("lab06_llm_weights", "ex2_rtn_tests", "rtn",
          forbid=("qcore.rtn.rtn_weight", "qcore.layers.quantize_weight", "qcore.rtn.quantize_model_rtn",
                  "qcore.quant.choose_qparams", "qcore.quant.fake_quantize")) as q:
@@ -507,6 +509,8 @@ with exercise("Exercise 3: GPTQ for one layer"):
     check_close(gptq_weight(W, torch.eye(16), 4), rtn_weight(W, 4),
                 "uncorrelated inputs (H = I): nothing to feed forward, GPTQ is RTN", atol=1e-6)
 ### BEGIN HIDDEN TESTS
+from qcore.asking import ask
+
 with ask("lab06_llm_weights", "ex3_gptq_tests", "gptq",
          forbid=("qcore.gptq.gptq_quantize_weight", "qcore.gptq._quantize_columns", "qcore.gptq.quantize_model_gptq",
                  "torchao.prototype.gptq.gptq_quantize")) as q:
@@ -689,6 +693,8 @@ with exercise("Exercise 4: AWQ scales, search and folding"):
     check_close(down(up(x)), before, "folded into a linear layer's rows (and bias): the same function", atol=1e-5,
                 hint="a linear 'previous' divides its output rows: weight[j, :] /= s[j], bias[j] /= s[j]")
 ### BEGIN HIDDEN TESTS
+from qcore.asking import ask
+
 with ask("lab06_llm_weights", "ex4_awq_tests", "awq",
          forbid=("qcore.awq.awq_scales", "qcore.awq.search_scale", "qcore.awq.fold_scales",
                  "qcore.awq.quantize_model_awq")) as q:
@@ -817,6 +823,11 @@ with exercise("Exercise 5: storage and paired differences"):
                 "groups of 2, asymmetric: a scale and a 4-bit zero point per group; 10 float params at 2 bytes",
                 hint="per group: 16 bits of scale, plus bits of zero point when asymmetric")
     check_equal(storage_bytes([(2, 4), (3, 4)], 3, 4, True, 0), (8 + 12) * 3 / 8 + 5 * 2.0, "two layers add up")
+    try:
+        mean_and_se(torch.tensor([1.0, 2.0]), torch.tensor([1, 1]))
+    except NotImplementedError:
+        check_true(False, "Exercise 1's mean_and_se works (paired_difference uses it)",
+                   hint="complete Exercise 1 first")
     a = torch.tensor([2.0, 3.0, 1.0, 4.0, 2.0, 2.0], dtype=torch.float64)
     b = torch.tensor([1.0, 2.5, 1.0, 3.0, 2.0, 1.5], dtype=torch.float64)
     d = a - b
@@ -829,6 +840,8 @@ with exercise("Exercise 5: storage and paired differences"):
                 torch.tensor([-0.25, 0.0], dtype=torch.float64),
                 "a constant shift: no uncertainty at all", atol=1e-12)
 ### BEGIN HIDDEN TESTS
+from qcore.asking import ask
+
 with ask("lab06_llm_weights", "ex5_table_tests", "table",
          forbid=("qcore.measure.paired_difference", "qcore.zoo.perplexity.paired_nll_difference",
                  "qcore.zoo.perplexity.block_mean")) as q:
