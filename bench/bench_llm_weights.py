@@ -30,6 +30,7 @@ from qcore.notebook import quiet
 from qcore.rtn import quantize_model_rtn
 from qcore.train import set_threads
 from qcore.zoo import load_causal_lm
+from qcore.zoo.austen import load_austen
 from qcore.zoo.perplexity import austen_tokens, paired_nll_difference, perplexity
 
 GROUP = 64
@@ -44,8 +45,9 @@ def main(argv=None) -> int:
     quiet()
     set_threads()
     model, tok = load_causal_lm()
-    eval_ids = austen_tokens(tok, ["Persuasion"], args.eval_tokens)
-    calibration = austen_tokens(tok, ["Emma"], args.calibration * 512).reshape(args.calibration, 512)
+    books = load_austen()  # parsed once for both slices
+    eval_ids = austen_tokens(tok, ["Persuasion"], args.eval_tokens, books=books)
+    calibration = austen_tokens(tok, ["Emma"], args.calibration * 512, books=books).reshape(args.calibration, 512)
 
     print(f"# lab 6: RTN, GPTQ, AWQ on SmolLM2, {datetime.date.today()}, torch {torch.__version__}")
     print(f"# {describe_device()}; {eval_ids.numel()} tokens of Persuasion (windows of {WINDOW}), "
